@@ -1,0 +1,308 @@
+"""ContextDataModule: contexts x ~ p(x) in whole batches, with cached reference solutions."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from pytorch_lightning import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from lightning_amor.objective import Context, Objective, context_batch_size, context_index
+
+_STREAMS = {"train": 0, "val": 1, "test": 2, "pool": 3, "predict": 4}
+_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "batches_per_epoch")
+
+
+def default_cache_dir() -> Path:
+    """``$LIGHTNING_AMOR_CACHE`` or ``~/.cache/lightning_amor``: where reference solutions are cached."""
+    return Path(os.environ.get("LIGHTNING_AMOR_CACHE", Path.home() / ".cache" / "lightning_amor"))
+
+
+def seeded_generator(*entropy: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (well mixed, so nearby tuples give unrelated streams)."""
+    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
+
+
+class BatchIndexSampler(DistributedSampler):
+    """Yields global batch indices for one rank: epoch ``e`` covers ``e*T .. e*T+T-1``, rank ``r`` takes every
+    ``world``-th of them starting at ``r``, so ranks never share a batch and their union is the single-process set.
+
+    It is a ``DistributedSampler`` so that Lightning keeps it instead of wrapping it; Lightning calls
+    :meth:`set_epoch` at every epoch.
+    """
+
+    def __init__(self, total: int, rank: int = 0, world: int = 1, repeat_epochs: bool = True) -> None:
+        # DistributedSampler.__init__ needs a dataset and a process group; this sampler needs neither.
+        self.total = total
+        self.rank = rank
+        self.num_replicas = world
+        self.repeat_epochs = repeat_epochs
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        offset = self.epoch * self.total if self.repeat_epochs else 0
+        return iter(range(offset + self.rank, offset + self.total, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.total, self.num_replicas))
+
+
+class _FreshBatches(Dataset):
+    """Batch ``i`` is drawn from p(x) with a generator seeded by ``(seed, i)``: the same on every run, worker count
+    and rank layout."""
+
+    def __init__(self, module: ContextDataModule, batch_size: int, seed: int) -> None:
+        self.module, self.batch_size, self.seed = module, batch_size, seed
+
+    def __getitem__(self, index: int) -> dict[str, Context]:
+        gen = seeded_generator(self.seed, _STREAMS["train"], index)
+        return {"x": self.module.sample(self.batch_size, gen)}
+
+
+class _FixedBatches(Dataset):
+    """Batches of a fixed set of contexts (and reference solutions), reshuffled every epoch when ``shuffle``."""
+
+    def __init__(self, data: dict[str, Context], batch_size: int, shuffle: bool, seed: int) -> None:
+        self.data, self.batch_size, self.shuffle, self.seed = data, batch_size, shuffle, seed
+        self.size = context_batch_size(data["x"])
+        self.per_epoch = self.size // batch_size if shuffle else -(-self.size // batch_size)
+
+    def __getitem__(self, index: int) -> dict[str, Context]:
+        epoch, chunk = divmod(index, self.per_epoch)
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=seeded_generator(self.seed, _STREAMS["pool"], epoch))
+            idx = order[chunk * self.batch_size : (chunk + 1) * self.batch_size]
+        else:
+            idx = slice(chunk * self.batch_size, min((chunk + 1) * self.batch_size, self.size))
+        return {k: context_index(v, idx) for k, v in self.data.items()}
+
+
+class ContextDataModule(LightningDataModule):
+    """Contexts x ~ p(x) for an amortizer, yielded as whole batches.
+
+    Subclasses implement :meth:`sample`. Training draws fresh contexts every step (or, with
+    ``train_size``, reshuffles a fixed pool each epoch); the validation and test sets are fixed and
+    seeded, and their reference solutions y* come from the objective's oracle once and are cached
+    on disk under a key of the configuration, so repeated runs do not solve them again. Training
+    batches carry y* only when the loss needs them (a regression loss), which requires ``train_size``.
+
+    Under DDP each rank gets distinct batches (a batch's contexts depend only on the seed and the
+    batch's global index), so the effective batch size is ``batch_size × world size``.
+
+    Args:
+        batch_size: contexts per training batch (per rank).
+        batches_per_epoch: training batches per epoch and rank when sampling fresh contexts.
+        train_size: a fixed training pool of this many contexts (``None``: fresh contexts every step).
+        val_size: contexts in the fixed validation set.
+        test_size: contexts in the fixed test set.
+        eval_batch_size: batch size for validation and test.
+        seed: the seed of every stream (training, validation, test).
+        num_workers: DataLoader worker processes.
+        cache_dir: where reference solutions are cached (default :func:`default_cache_dir`);
+            ``"none"`` disables the cache.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        batches_per_epoch: int = 100,
+        train_size: Optional[int] = None,
+        val_size: int = 1024,
+        test_size: int = 1024,
+        eval_batch_size: int = 1024,
+        seed: int = 0,
+        num_workers: int = 0,
+        cache_dir: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
+                            ("val_size", val_size), ("test_size", test_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{type(self).__name__}: {name} must be at least 1, got {value}")
+        if train_size is not None and train_size < batch_size:
+            raise ValueError(
+                f"{type(self).__name__}: train_size={train_size} is smaller than batch_size={batch_size}; "
+                f"lower batch_size or raise train_size"
+            )
+        if num_workers < 0:
+            raise ValueError(f"{type(self).__name__}: num_workers must be >= 0, got {num_workers}")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.batches_per_epoch = batches_per_epoch
+        self.train_size = train_size
+        self.val_size = val_size
+        self.test_size = test_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.num_workers = num_workers
+        self.cache_dir = cache_dir
+        self._objective: Optional[Objective] = None
+        self._needs_target: Optional[bool] = None
+        self._sets: dict[str, dict[str, Context]] = {}
+
+    # --- what a subclass provides -------------------------------------------------------------
+    def sample(self, num: int, generator: torch.Generator) -> Context:
+        """Draw ``num`` contexts from p(x) with ``generator`` (a CPU generator); returns a batch of ``num``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample(num, generator)")
+
+    # --- wiring -------------------------------------------------------------------------------
+    def attach(self, objective: Objective, needs_target: bool = False) -> None:
+        """Use ``objective`` for reference solutions (done automatically from the trainer's module)."""
+        self._objective, self._needs_target = objective, needs_target
+
+    @property
+    def objective(self) -> Objective:
+        if self._objective is None:
+            module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+            if module is None or not hasattr(module, "objective"):
+                raise RuntimeError(
+                    f"{type(self).__name__} needs an objective for reference solutions: use it with a Trainer and an "
+                    f"AmortizedModule, or call attach(objective) first"
+                )
+            return module.objective
+        return self._objective
+
+    @property
+    def needs_target(self) -> bool:
+        if self._needs_target is not None:
+            return self._needs_target
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        return bool(getattr(module, "needs_target", False))
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    # --- fixed sets and their cache -----------------------------------------------------------
+    def cache_key(self, split: str, size: int) -> Optional[str]:
+        """A hash of everything that determines a fixed set's contexts and references (``None``: do not cache)."""
+        objective_key = self.objective.cache_key()
+        if objective_key is None or self.cache_dir == "none":
+            return None
+        config = {k: v for k, v in self.hparams.items() if k not in _NOT_IN_KEY}
+        blob = json.dumps(
+            {"data": f"{type(self).__module__}.{type(self).__qualname__}", "config": config, "split": split,
+             "size": size, "objective": objective_key}, sort_keys=True, default=str
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+    def _cache_path(self, key: str) -> Path:
+        root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
+        return root / f"{type(self).__name__.lower()}-{key}.pt"
+
+    def solve_references(self, x: Context) -> Tensor:
+        """Reference solutions ``N x n`` of the objective's oracle, solved in chunks of ``eval_batch_size``."""
+        chunks = []
+        for start in range(0, context_batch_size(x), self.eval_batch_size):
+            part = context_index(x, slice(start, start + self.eval_batch_size))
+            chunks.append(self.objective.solve(part).detach().cpu())
+        return torch.cat(chunks)
+
+    def fixed_set(self, split: str, size: int, with_targets: bool = True) -> dict[str, Context]:
+        """The seeded contexts of a split and, when asked, their reference solutions (from the cache if present)."""
+        x = self.sample(size, seeded_generator(self.seed, _STREAMS[split]))
+        if not with_targets:
+            return {"x": x}
+        key = self.cache_key(split, size)
+        path = self._cache_path(key) if key is not None else None
+        if path is not None and path.exists():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
+                raise RuntimeError(
+                    f"the cached reference solutions {path} cannot be read ({err}); delete the file to solve again"
+                ) from err
+            return {"x": x, "y_star": cached["y_star"]}
+        y_star = self.solve_references(x)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}")
+            torch.save({"y_star": y_star}, tmp)
+            os.replace(tmp, path)
+        return {"x": x, "y_star": y_star}
+
+    def _splits(self, stage: Optional[str]) -> list[tuple[str, int, bool]]:
+        splits = []
+        if stage in (None, "fit") and self.train_size is not None:
+            splits.append(("pool", self.train_size, self.needs_target))
+        if stage in (None, "fit", "validate"):
+            splits.append(("val", self.val_size, True))
+        if stage in (None, "test"):
+            splits.append(("test", self.test_size, True))
+        if stage == "predict":
+            splits.append(("test", self.test_size, False))
+        return splits
+
+    def prepare_data(self) -> None:
+        """Solve and cache the fixed sets' references once per node (rank 0)."""
+        for split, size, targets in self._splits(None if self.trainer is None else self.trainer.state.fn):
+            if targets and self.cache_key(split, size) is not None:
+                self.fixed_set(split, size)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.needs_target and self.train_size is None and stage in (None, "fit"):
+            raise ValueError(
+                f"{type(self).__name__}: the loss needs reference solutions, which are solved once for a fixed pool: "
+                f"set `data.init_args.train_size` (e.g. 8192) or use an objective-based loss"
+            )
+        for split, size, targets in self._splits(stage):
+            if split not in self._sets or ("y_star" not in self._sets[split] and targets):
+                self._sets[split] = self.fixed_set(split, size, targets)
+
+    def _sampling_copy(self) -> ContextDataModule:
+        """A shallow copy without the trainer, objective and fixed sets, cheap to send to DataLoader workers."""
+        clone = copy.copy(self)
+        clone.__dict__.update(trainer=None, _objective=None, _sets={})
+        return clone
+
+    # --- loaders --------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, total: int, repeat_epochs: bool) -> DataLoader:
+        rank, world = self._rank_world()
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=BatchIndexSampler(total, rank, world, repeat_epochs),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        _, world = self._rank_world()
+        if self.train_size is None:
+            dataset = _FreshBatches(self._sampling_copy(), self.batch_size, self.seed)
+            return self._loader(dataset, self.batches_per_epoch * world, True)
+        pool = self._sets["pool"]
+        dataset = _FixedBatches(pool, self.batch_size, shuffle=True, seed=self.seed)
+        if dataset.per_epoch < world:
+            raise ValueError(
+                f"{type(self).__name__}: train_size={self.train_size} gives {dataset.per_epoch} batches of "
+                f"{self.batch_size}, fewer than the {world} ranks; raise train_size or lower batch_size"
+            )
+        return self._loader(dataset, dataset.per_epoch - dataset.per_epoch % world, True)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        dataset = _FixedBatches(self._sets[split], self.eval_batch_size, shuffle=False, seed=self.seed)
+        return self._loader(dataset, dataset.per_epoch, False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")

@@ -1,0 +1,34 @@
+"""lightning-amor: amortized optimization with PyTorch Lightning."""
+
+from lightning_amor.amortizers import AmortizedOutput, Amortizer, FullyAmortized, SemiAmortized
+from lightning_amor.losses import AmortizationLoss, IterateSumLoss, ObjectiveLoss, RegressionLoss
+from lightning_amor.metrics import AmortizationMetrics
+from lightning_amor.module import AmortizedModule, NonFiniteLossError
+from lightning_amor.nets import MLP, LearnedConstant
+from lightning_amor.objective import Context, Objective, ObjectiveShapeError
+from lightning_amor.updates import AdamStep, GradientStep, InnerUpdate, LearnedUpdate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdamStep",
+    "AmortizationLoss",
+    "AmortizationMetrics",
+    "AmortizedModule",
+    "AmortizedOutput",
+    "Amortizer",
+    "Context",
+    "FullyAmortized",
+    "GradientStep",
+    "InnerUpdate",
+    "IterateSumLoss",
+    "LearnedConstant",
+    "LearnedUpdate",
+    "MLP",
+    "NonFiniteLossError",
+    "Objective",
+    "ObjectiveLoss",
+    "ObjectiveShapeError",
+    "RegressionLoss",
+    "SemiAmortized",
+]

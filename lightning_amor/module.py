@@ -1,0 +1,159 @@
+"""AmortizedModule: amortizer + objective + loss as a LightningModule."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+import torch
+from pytorch_lightning import LightningModule
+from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+from lightning_amor.amortizers import AmortizedOutput, Amortizer
+from lightning_amor.losses import AmortizationLoss, ObjectiveLoss
+from lightning_amor.metrics import AmortizationMetrics
+from lightning_amor.objective import Context, Objective, context_batch_size
+
+NONFINITE_MODES = ("raise", "skip")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of some contexts was NaN or infinite."""
+
+
+def unpack_batch(batch: Any) -> tuple[Context, Optional[Tensor]]:
+    """Split a batch into contexts x and optional reference solutions y* (``B x n``).
+
+    A batch is a dict ``{"x": contexts, "y_star": solutions}`` (``y_star`` optional) or bare contexts.
+    """
+    if isinstance(batch, dict) and "x" in batch:
+        return batch["x"], batch.get("y_star")
+    return batch, None
+
+
+class AmortizedModule(LightningModule):
+    """Trains an amortizer ŷ_θ(x) to solve min_y f(y; x) for contexts x ~ p(x).
+
+    Args:
+        objective: the problem f(y; x); its parameters (if any) are trained too.
+        amortizer: a :class:`~lightning_amor.amortizers.FullyAmortized` or ``SemiAmortized`` model.
+        loss: the training loss (default: the objective, L_obj).
+        optimizer: a callable ``params -> Optimizer`` (LightningCLI style), Adam by default.
+        lr_scheduler: an optional callable ``optimizer -> LRScheduler``, stepped every training step.
+        nonfinite: what to do when the loss of some context is NaN or infinite: ``raise`` stops
+            training with the step and the offending context indices; ``skip`` skips that step.
+
+    Logged: ``train/loss``, ``train/objective``; on the validation and test sets
+    ``{val,test}/objective`` (mean f(ŷ)), ``/gap`` (mean f(ŷ) − f(y*)), ``/distance`` (mean d(ŷ, y*)),
+    ``/violation`` (constrained problems) and ``/inference_ms`` (prediction time per batch).
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        amortizer: Amortizer,
+        loss: Optional[AmortizationLoss] = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+        nonfinite: str = "raise",
+    ) -> None:
+        super().__init__()
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"AmortizedModule: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        self.save_hyperparameters()
+        self.objective = objective
+        self.amortizer = amortizer
+        self.loss = loss if loss is not None else ObjectiveLoss()
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.nonfinite = nonfinite
+        self.val_metrics = AmortizationMetrics()
+        self.test_metrics = AmortizationMetrics()
+        self.skipped_steps = 0
+
+    @property
+    def needs_target(self) -> bool:
+        """Whether training batches must carry reference solutions y*."""
+        return self.loss.needs_target
+
+    def forward(self, x: Context) -> Tensor:
+        """Predicted solutions ``B x n`` for contexts ``x``."""
+        return self.amortizer(x, self.objective).y
+
+    def predict_batch(self, x: Context) -> AmortizedOutput:
+        """The amortizer's full output (prediction and iterates) for contexts ``x``."""
+        return self.amortizer(x, self.objective)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[Tensor]:
+        x, y_star = unpack_batch(batch)
+        output = self.amortizer(x, self.objective)
+        per_context = self.loss(output, x, self.objective, y_star)
+        if per_context.shape != (context_batch_size(x),):
+            raise ValueError(
+                f"{type(self.loss).__name__} must return one loss per context, shape ({context_batch_size(x)},), "
+                f"got {tuple(per_context.shape)}"
+            )
+        finite = torch.isfinite(per_context)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            message = (
+                f"non-finite loss at global step {self.global_step} (batch {batch_idx}, epoch {self.current_epoch}) "
+                f"for {len(bad)} of {len(finite)} contexts, batch indices {bad[:20]}{' ...' if len(bad) > 20 else ''}"
+            )
+            if self.nonfinite == "raise":
+                raise NonFiniteLossError(
+                    message + "; check the objective at these contexts, lower the learning rate, or set "
+                    "`model.init_args.nonfinite: skip` to skip such steps"
+                )
+            self.skipped_steps += 1
+            self.print(f"skipping step: {message}")
+            return None
+        loss = per_context.mean()
+        batch_size = context_batch_size(x)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if not isinstance(self.loss, ObjectiveLoss):
+            self.log("train/objective", self.objective(output.y.detach(), x).mean(), batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> None:
+        x, y_star = unpack_batch(batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        y = self.amortizer(x, self.objective).y
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed_ms = 1000.0 * (time.perf_counter() - start)
+        f_pred = self.objective(y, x)
+        f_star = self.objective(y_star, x) if y_star is not None else None
+        distance = self.objective.distance(y, y_star) if y_star is not None else None
+        metrics.update(f_pred, f_star, distance, self.objective.violation(y, x), elapsed_ms)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, _ = unpack_batch(batch)
+        return self(x)
+
+    def _log_metrics(self, prefix: str, metrics: AmortizationMetrics) -> None:
+        values = metrics.compute()
+        self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False)
+        metrics.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameters())
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
