@@ -270,8 +270,8 @@ class ContextDataModule(LightningDataModule):
         return clone
 
     # --- loaders --------------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, total: int, repeat_epochs: bool) -> DataLoader:
-        rank, world = self._rank_world()
+    def _loader(self, dataset: Dataset, total: int, repeat_epochs: bool, sharded: bool = True) -> DataLoader:
+        rank, world = self._rank_world() if sharded else (0, 1)
         return DataLoader(
             dataset,
             batch_size=None,
@@ -295,8 +295,18 @@ class ContextDataModule(LightningDataModule):
         return self._loader(dataset, dataset.per_epoch - dataset.per_epoch % world, True)
 
     def _eval_loader(self, split: str) -> DataLoader:
-        dataset = _FixedBatches(self._sets[split], self.eval_batch_size, shuffle=False, seed=self.seed)
-        return self._loader(dataset, dataset.per_epoch, False)
+        # Each rank evaluates every world-th context, so every rank has work and the metrics' sums over
+        # ranks cover each context exactly once.
+        rank, world = self._rank_world()
+        data = self._sets[split]
+        if context_batch_size(data["x"]) < world:
+            raise ValueError(
+                f"{type(self).__name__}: the {split} set has {context_batch_size(data['x'])} contexts, fewer than the "
+                f"{world} ranks; raise {split}_size"
+            )
+        shard = {k: context_index(v, slice(rank, None, world)) for k, v in data.items()}
+        dataset = _FixedBatches(shard, self.eval_batch_size, shuffle=False, seed=self.seed)
+        return self._loader(dataset, dataset.per_epoch, False, sharded=False)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

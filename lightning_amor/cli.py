@@ -23,7 +23,8 @@ class AmortCLI(LightningCLI):
         for name, value in sorted(metrics.items()):
             print(f"  {name:<20} {value:.6g}")
         if trainer.logger is not None and trainer.logger.log_dir is not None:
-            print(f"TensorBoard logs: {trainer.logger.log_dir}  (watch with: tensorboard --logdir {trainer.logger.save_dir})")
+            log_dir, root = trainer.logger.log_dir, trainer.logger.save_dir
+            print(f"TensorBoard logs: {log_dir}  (watch with: tensorboard --logdir {root})")
         if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "dirpath", None):
             print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
 

@@ -300,7 +300,9 @@ class LBFGS(Solver):
 
         ``F(y_new) <= F(y) + 1e-4 * min(g . (y_new - y), 0)``  with  ``y_new = project(y + t d)``.
 
-    Curvature pairs with ``s . y <= eps |s| |y|`` (``eps`` of the dtype) are skipped. A sample
+    Curvature pairs with ``s . y <= eps |s| |y|`` (``eps`` of the dtype) are skipped, and the
+    sample's history restarts (its stale pairs would otherwise keep proposing tiny steps that the
+    Armijo test accepts, since there is no Wolfe curvature condition). A sample
     stops updating when its gradient norm reaches ``tol`` (``converged``) or when even a steepest
     descent step cannot make progress (``converged`` stays ``False`` unless the gradient is small).
 
@@ -386,6 +388,11 @@ class LBFGS(Solver):
             accept = moved & (curvature > curvature_eps * s.norm(dim=-1) * change.norm(dim=-1))
             if bool(accept.any()):
                 mem_s, mem_y, rho, filled = _remember(accept, s, change, curvature, mem_s, mem_y, rho, filled)
+            # A step without positive curvature (possible without a Wolfe condition on non-convex F)
+            # makes the history stale: its tiny steps would still pass the Armijo test. Restart it.
+            reject = moved & ~accept
+            if bool(reject.any()):
+                mem_s, mem_y, rho, filled = _forget(reject, mem_s, mem_y, rho, filled)
 
             y, value, grad = y_new, value_new, grad_new
             iterations += active
