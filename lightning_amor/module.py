@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -61,7 +62,10 @@ class AmortizedModule(LightningModule):
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"AmortizedModule: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # The modules are kept in the hyperparameters on purpose: load_from_checkpoint rebuilds them.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
         self.objective = objective
         self.amortizer = amortizer
         self.loss = loss if loss is not None else ObjectiveLoss()
