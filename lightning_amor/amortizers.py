@@ -21,7 +21,8 @@ class AmortizedOutput:
 
     Attributes:
         y: ``B x n`` final prediction, on the objective's domain.
-        iterates: ``[ŷ^0, ..., ŷ^K]``, each ``B x n`` (``[y]`` for a fully amortized model).
+        iterates: ``[ŷ^0, ..., ŷ^K]``, each ``B x n`` (``[y]`` for a fully amortized model, ``[ŷ^0, y]`` in
+            implicit mode, whose intermediate iterates carry no gradient).
     """
 
     y: Tensor
@@ -125,6 +126,8 @@ class SemiAmortized(Amortizer):
         with gradients_enabled():
             x = usable_context(x)
             y0 = objective.project(self.init(x))
+            if not differentiate:
+                y0 = y0.detach()  # autograd is on for the inner gradients only; return no graph
             if self.gradient == "implicit":
                 return self._implicit(y0, x, objective, differentiate)
             y, state, iterates = y0, self.update.init_state(y0), [y0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence, Union
 
 import torch
@@ -69,6 +70,13 @@ class IterateSumLoss(AmortizationLoss):
         super().__init__()
         if isinstance(weights, str) and weights not in ("uniform", "linear", "last"):
             raise ValueError(f"IterateSumLoss: weights must be 'uniform', 'linear', 'last' or a list, got {weights!r}")
+        if not isinstance(weights, str) and not (
+            all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0
+        ):
+            raise ValueError(
+                f"IterateSumLoss: explicit weights must be finite, non-negative and not all zero (they are normalised "
+                f"by their sum), got {list(weights)}"
+            )
         self.base = base
         self.weights = weights
         self.skip_initial = skip_initial

@@ -78,8 +78,12 @@ class SphereObjective(Objective):
         return self._values(y.unsqueeze(1), x).squeeze(1)
 
     def project(self, y: Tensor) -> Tensor:
-        """``y / ‖y‖`` (points at the origin map to an arbitrary, finite point)."""
-        return y / y.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(y.dtype).tiny ** 0.5)
+        """``y / ‖y‖``; the origin, which has no direction, maps to the pole (0, 0, 1) with a zero gradient."""
+        norm = y.norm(dim=-1, keepdim=True)
+        tiny = torch.finfo(y.dtype).tiny ** 0.5
+        pole = torch.zeros_like(y)
+        pole[..., -1] = 1.0
+        return torch.where(norm > tiny, y / norm.clamp_min(tiny), pole)
 
     def distance(self, y: Tensor, y_ref: Tensor) -> Tensor:
         """The geodesic angle (radians) between unit vectors: ``B``."""

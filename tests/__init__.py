@@ -1,0 +1,1 @@
+"""Tests of lightning-amor (a package, so that test modules can share ``tests.objectives``)."""
