@@ -221,12 +221,15 @@ class ContextDataModule(LightningDataModule):
         path = self._cache_path(key) if key is not None else None
         if path is not None and path.exists():
             try:
-                cached = torch.load(path, map_location="cpu", weights_only=True)
+                y_star = torch.load(path, map_location="cpu", weights_only=True)["y_star"]
+                if not isinstance(y_star, Tensor) or y_star.shape[0] != size:
+                    found = tuple(y_star.shape) if isinstance(y_star, Tensor) else type(y_star).__name__
+                    raise ValueError(f"expected {size} solutions, found {found}")
             except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
                 raise RuntimeError(
-                    f"the cached reference solutions {path} cannot be read ({err}); delete the file to solve again"
+                    f"the cached reference solutions {path} cannot be read ({err!r}); delete the file to solve again"
                 ) from err
-            return {"x": x, "y_star": cached["y_star"]}
+            return {"x": x, "y_star": y_star}
         y_star = self.solve_references(x)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,15 @@ class NonFiniteLossError(FloatingPointError):
     """The loss of some contexts was NaN or infinite."""
 
 
+def _built_from_config() -> bool:
+    """Whether LightningCLI (or load_from_checkpoint) is instantiating the module from a plain config."""
+    try:
+        from pytorch_lightning.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without it: store nothing that cannot be loaded safely
+        return False
+    return _given_hyperparameters.get() is not None
+
+
 def unpack_batch(batch: Any) -> tuple[Context, Optional[Tensor]]:
     """Split a batch into contexts x and optional reference solutions y* (``B x n``).
 
@@ -62,10 +71,15 @@ class AmortizedModule(LightningModule):
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"AmortizedModule: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        with warnings.catch_warnings():
-            # The modules are kept in the hyperparameters on purpose: load_from_checkpoint rebuilds them.
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
-            self.save_hyperparameters()
+        if _built_from_config():
+            # LightningCLI hands over the recipe as plain config, which load_from_checkpoint re-instantiates.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+                self.save_hyperparameters()
+        else:
+            # Objects built in Python would be pickled into the checkpoint, which torch's safe loader refuses:
+            # pass them again to load_from_checkpoint(path, objective=..., amortizer=..., ...).
+            self.save_hyperparameters(ignore=["objective", "amortizer", "loss", "optimizer", "lr_scheduler"])
         self.objective = objective
         self.amortizer = amortizer
         self.loss = loss if loss is not None else ObjectiveLoss()

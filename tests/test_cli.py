@@ -1,0 +1,165 @@
+"""Tests of the ``lightning-amor`` command, run in-process: help, a minimal recipe, and clear errors for bad recipes.
+
+Every file in ``tests/bad_recipes/`` is a small recipe with one defect; its ``# expect:`` comment lines give the
+fragments that the error message must contain.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_amor.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_RECIPE = REPO / "recipes" / "sphere" / "full_objective.yaml"
+BAD_RECIPES = sorted((Path(__file__).parent / "bad_recipes").glob("*.yaml"))
+
+MINIMAL_RECIPE = """\
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  logger: false
+  enable_progress_bar: false
+  enable_model_summary: false
+model:
+  class_path: lightning_amor.AmortizedModule
+  init_args:
+    objective:
+      class_path: lightning_amor.apps.sphere.SphereObjective
+      init_args:
+        grid_points: 64
+        starts: 1
+    amortizer:
+      class_path: lightning_amor.FullyAmortized
+      init_args:
+        net:
+          class_path: lightning_amor.MLP
+          init_args:
+            in_features: 16
+            out_features: 3
+            hidden: [8]
+data:
+  class_path: datamodules.SphereContexts
+  init_args:
+    batch_size: 8
+    batches_per_epoch: 2
+    val_size: 8
+    test_size: 8
+    cache_dir: none
+"""
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run every command inside ``tmp_path`` with a bare ``sys.argv``, as the console script would."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-amor"])
+
+
+def run_expecting_failure(args: list[str], capsys) -> str:
+    """Run the CLI, which must fail; return the error text (stderr of a parser exit, or the exception)."""
+    with pytest.raises((SystemExit, Exception)) as info:
+        main(args=args)
+    if isinstance(info.value, SystemExit):
+        assert info.value.code not in (0, None), "the command exited successfully"
+        return capsys.readouterr().err
+    return str(info.value)
+
+
+def expected_fragments(recipe: Path) -> list[str]:
+    lines = recipe.read_text().splitlines()
+    fragments = [line.split("# expect:", 1)[1].strip() for line in lines if line.startswith("# expect:")]
+    assert fragments, f"{recipe.name} has no '# expect:' line"
+    return fragments
+
+
+# --- help ---------------------------------------------------------------------------------------------
+
+
+def test_entry_point_is_the_cli_main():
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "lightning-amor"]
+    assert script.value == "lightning_amor.cli:main"
+    assert script.load() is main
+
+
+@pytest.mark.parametrize(
+    "args,fragments",
+    [
+        (["--help"], ["usage: lightning-amor", "fit", "validate", "test", "predict"]),
+        (["fit", "--help"], ["--trainer.max_steps", "--model", "--data", "--ckpt_path"]),
+        (["fit", "--data.help", "SphereContexts"], ["--data.batch_size", "--data.train_size", "--data.cache_dir"]),
+        (["fit", "--model.help", "AmortizedModule"], ["--model.objective", "--model.amortizer", "--model.nonfinite"]),
+    ],
+    ids=["top", "fit", "data", "model"],
+)
+def test_help(args, fragments, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(args=args)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for fragment in fragments:
+        assert fragment in out
+
+
+# --- a minimal valid recipe (the control for the bad ones) --------------------------------------------------
+
+
+def test_a_minimal_recipe_fits_and_prints_the_held_out_metrics(tmp_path, capsys):
+    recipe = tmp_path / "minimal.yaml"
+    recipe.write_text(MINIMAL_RECIPE)
+    main(args=["fit", "--config", str(recipe), "--trainer.val_check_interval", "2"])
+    out = capsys.readouterr().out
+    assert "held-out validation metrics" in out
+    for key in ("val/objective", "val/gap", "val/distance", "val/inference_ms"):
+        assert key in out
+
+
+def test_print_config_resolves_the_defaults(tmp_path, capsys):
+    recipe = tmp_path / "minimal.yaml"
+    recipe.write_text(MINIMAL_RECIPE)
+    with pytest.raises(SystemExit) as info:
+        main(args=["fit", "--config", str(recipe), "--print_config"])
+    assert info.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["nonfinite"] == "raise"
+    assert config["data"]["init_args"]["seed"] == 0
+    assert config["trainer"]["max_steps"] == 2
+
+
+# --- bad recipes --------------------------------------------------------------------------------------
+
+
+def test_the_bad_recipe_corpus_is_found():
+    assert len(BAD_RECIPES) >= 10
+
+
+@pytest.mark.parametrize("recipe", BAD_RECIPES, ids=[p.stem for p in BAD_RECIPES])
+def test_a_bad_recipe_fails_with_a_clear_message(recipe, capsys):
+    message = run_expecting_failure(["fit", "--config", str(recipe)], capsys)
+    for fragment in expected_fragments(recipe):
+        assert fragment in message, f"{recipe.name}: {fragment!r} is not in the error:\n{message}"
+
+
+def test_an_unknown_key_in_a_shipped_recipe_is_named(tmp_path, capsys):
+    config = yaml.safe_load(SHIPPED_RECIPE.read_text())
+    config["data"]["init_args"]["batch_sizee"] = 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    message = run_expecting_failure(["fit", "--config", str(bad)], capsys)
+    assert "'batch_sizee' is not accepted" in message
+
+
+def test_a_wrong_type_on_the_command_line_is_named(capsys):
+    message = run_expecting_failure(["fit", "--config", str(SHIPPED_RECIPE), "--trainer.max_steps", "many"], capsys)
+    assert 'Parser key "trainer.max_steps"' in message and "many" in message
+
+
+def test_a_missing_recipe_file_is_named(tmp_path, capsys):
+    missing = tmp_path / "no_such_recipe.yaml"
+    message = run_expecting_failure(["fit", "--config", str(missing)], capsys)
+    assert "no_such_recipe.yaml" in message
