@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -37,24 +37,38 @@ class BatchIndexSampler(DistributedSampler):
     """Yields global batch indices for one rank: epoch ``e`` covers ``e*T .. e*T+T-1``, rank ``r`` takes every
     ``world``-th of them starting at ``r``, so ranks never share a batch and their union is the single-process set.
 
-    It is a ``DistributedSampler`` so that Lightning keeps it instead of wrapping it; Lightning calls
-    :meth:`set_epoch` at every epoch.
+    With ``consumed`` (the number of training batches this rank has already processed, read when an epoch's
+    iterator is created) the stream continues where a restored run stopped, mid-epoch included; otherwise the
+    epoch set by :meth:`set_epoch` is used. It is a ``DistributedSampler`` so that Lightning keeps it instead of
+    wrapping it.
     """
 
-    def __init__(self, total: int, rank: int = 0, world: int = 1, repeat_epochs: bool = True) -> None:
+    def __init__(
+        self, total: int, rank: int = 0, world: int = 1, repeat_epochs: bool = True,
+        consumed: Optional[Callable[[], Optional[int]]] = None,
+    ) -> None:
         # DistributedSampler.__init__ needs a dataset and a process group; this sampler needs neither.
         self.total = total
         self.rank = rank
         self.num_replicas = world
         self.repeat_epochs = repeat_epochs
+        self.consumed = consumed
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        offset = self.epoch * self.total if self.repeat_epochs else 0
-        return iter(range(offset + self.rank, offset + self.total, self.num_replicas))
+        if not self.repeat_epochs:
+            return iter(range(self.rank, self.total, self.num_replicas))
+        per_epoch = len(self)
+        start = self.consumed() if self.consumed is not None else None
+        if start is None:
+            start = self.epoch * per_epoch
+        end = (start // per_epoch + 1) * per_epoch
+        return (
+            (k // per_epoch) * self.total + self.rank + (k % per_epoch) * self.num_replicas for k in range(start, end)
+        )
 
     def __len__(self) -> int:
         return len(range(self.rank, self.total, self.num_replicas))
@@ -273,12 +287,18 @@ class ContextDataModule(LightningDataModule):
         return clone
 
     # --- loaders --------------------------------------------------------------------------------
+    def _batches_consumed(self) -> Optional[int]:
+        """Training batches this rank has processed so far (restored with a checkpoint); ``None`` outside a fit."""
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        return None if fit_loop is None else fit_loop.epoch_loop.batch_progress.total.processed
+
     def _loader(self, dataset: Dataset, total: int, repeat_epochs: bool, sharded: bool = True) -> DataLoader:
         rank, world = self._rank_world() if sharded else (0, 1)
+        consumed = self._batches_consumed if repeat_epochs and self.trainer is not None else None
         return DataLoader(
             dataset,
             batch_size=None,
-            sampler=BatchIndexSampler(total, rank, world, repeat_epochs),
+            sampler=BatchIndexSampler(total, rank, world, repeat_epochs, consumed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
