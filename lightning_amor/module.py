@@ -52,7 +52,9 @@ class AmortizedModule(LightningModule):
         optimizer: a callable ``params -> Optimizer`` (LightningCLI style), Adam by default.
         lr_scheduler: an optional callable ``optimizer -> LRScheduler``, stepped every training step.
         nonfinite: what to do when the loss of some context is NaN or infinite: ``raise`` stops
-            training with the step and the offending context indices; ``skip`` skips that step.
+            training with the step and the offending context indices; ``skip`` leaves the parameters and
+            the optimizer state unchanged for that step (which still counts towards ``max_steps``). Under
+            DDP the decision is taken jointly, so every rank raises or skips together.
 
     Logged: ``train/loss``, ``train/objective``; on the validation and test sets
     ``{val,test}/objective`` (mean f(ŷ)), ``/gap`` (mean f(ŷ) − f(y*)), ``/distance`` (mean d(ŷ, y*)),
@@ -89,6 +91,7 @@ class AmortizedModule(LightningModule):
         self.val_metrics = AmortizationMetrics()
         self.test_metrics = AmortizationMetrics()
         self.skipped_steps = 0
+        self._skip_update = False
 
     @property
     def needs_target(self) -> bool:
@@ -113,11 +116,16 @@ class AmortizedModule(LightningModule):
                 f"got {tuple(per_context.shape)}"
             )
         finite = torch.isfinite(per_context)
-        if not bool(finite.all()):
+        all_finite = bool(finite.all())
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # Every rank must take the same decision, or the others wait forever in the gradient all-reduce.
+            all_finite = self.trainer.strategy.reduce_boolean_decision(all_finite, all=True)
+        if not all_finite:
             bad = (~finite).nonzero().flatten().tolist()
+            where = f"batch indices {bad[:20]}{' ...' if len(bad) > 20 else ''}" if bad else "on another rank"
             message = (
-                f"non-finite loss at global step {self.global_step} (batch {batch_idx}, epoch {self.current_epoch}) "
-                f"for {len(bad)} of {len(finite)} contexts, batch indices {bad[:20]}{' ...' if len(bad) > 20 else ''}"
+                f"non-finite loss at global step {self.global_step} (batch {batch_idx}, epoch {self.current_epoch}, "
+                f"rank {self.global_rank}) for {len(bad)} of {len(finite)} contexts, {where}"
             )
             if self.nonfinite == "raise":
                 raise NonFiniteLossError(
@@ -125,8 +133,11 @@ class AmortizedModule(LightningModule):
                     "`model.init_args.nonfinite: skip` to skip such steps"
                 )
             self.skipped_steps += 1
-            self.print(f"skipping step: {message}")
-            return None
+            self._skip_update = True
+            self.print(f"skipping the update of this step: {message}")
+            # A zero loss on every parameter keeps DDP's gradient all-reduce in step on every rank;
+            # optimizer_step then leaves the parameters and the optimizer state untouched.
+            return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
         loss = per_context.mean()
         batch_size = context_batch_size(x)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -168,6 +179,15 @@ class AmortizedModule(LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        if optimizer_closure is None or self.nonfinite != "skip":
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        result = optimizer_closure()  # forward and backward, which may decide to skip
+        if self._skip_update:
+            self._skip_update = False
+            return None
+        return super().optimizer_step(epoch, batch_idx, optimizer, lambda: result)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())
