@@ -51,10 +51,10 @@ class AmortizedModule(LightningModule):
         loss: the training loss (default: the objective, L_obj).
         optimizer: a callable ``params -> Optimizer`` (LightningCLI style), Adam by default.
         lr_scheduler: an optional callable ``optimizer -> LRScheduler``, stepped every training step.
-        nonfinite: what to do when the loss of some context is NaN or infinite: ``raise`` stops
-            training with the step and the offending context indices; ``skip`` leaves the parameters and
-            the optimizer state unchanged for that step (which still counts towards ``max_steps``). Under
-            DDP the decision is taken jointly, so every rank raises or skips together.
+        nonfinite: what to do when the loss of some context, or a gradient, is NaN or infinite: ``raise``
+            stops training with the step and the offending context indices (or parameter names); ``skip``
+            leaves the parameters and the optimizer state unchanged for that step (which still counts
+            towards ``max_steps``). Under DDP the decision is the same on every rank.
 
     Logged: ``train/loss``, ``train/objective``; on the validation and test sets
     ``{val,test}/objective`` (mean f(ŷ)), ``/gap`` (mean f(ŷ) − f(y*)), ``/distance`` (mean d(ŷ, y*)),
@@ -181,13 +181,37 @@ class AmortizedModule(LightningModule):
         self._log_metrics("test", self.test_metrics)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        if optimizer_closure is None or self.nonfinite != "skip":
+        if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        result = optimizer_closure()  # forward and backward, which may decide to skip
+        result = optimizer_closure()  # forward and backward; a non-finite loss may have asked to skip
         if self._skip_update:
             self._skip_update = False
             return None
+        if self._gradients_checked() and not self._gradients_finite():
+            bad = [n for n, p in self.named_parameters() if p.grad is not None and not bool(p.grad.isfinite().all())]
+            message = (
+                f"non-finite gradient at global step {self.global_step} (batch {batch_idx}, epoch {epoch}) in "
+                f"{len(bad)} parameter tensors: {bad[:10]}{' ...' if len(bad) > 10 else ''}"
+            )
+            if self.nonfinite == "raise":
+                raise NonFiniteLossError(
+                    message + "; the loss was finite, so look for a non-differentiable point of the objective "
+                    "(e.g. sqrt or arccos at the boundary), lower the learning rate, or set "
+                    "`model.init_args.nonfinite: skip`"
+                )
+            self.skipped_steps += 1
+            self.print(f"skipping the update of this step: {message}")
+            return None
         return super().optimizer_step(epoch, batch_idx, optimizer, lambda: result)
+
+    def _gradients_checked(self) -> bool:
+        # fp16 mixed precision produces inf gradients on purpose; its GradScaler skips those steps itself.
+        return self._trainer is None or str(self.trainer.precision) not in ("16-mixed", "16")
+
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient is finite (one device sync; identical on all ranks after DDP's all-reduce)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        return not grads or bool(torch.stack([g.isfinite().all() for g in grads]).all())
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer(self.parameters())

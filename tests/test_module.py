@@ -353,3 +353,25 @@ def test_metric_states_of_two_ranks_merge_to_the_single_process_result():
     assert merged.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(merged[name], expected[name])
+
+
+class InfiniteSlopeSphere(SphereObjective):
+    """Finite values, but a non-finite gradient for contexts whose first offset is negative."""
+
+    def value(self, y: Tensor, x: Context) -> Tensor:
+        offset = (x[:, 12] >= 0).to(y.dtype)  # sqrt at 0 (infinite slope) for poisoned contexts only
+        return super().value(y, x) + (y[:, 0] * 0.0 + offset).sqrt()
+
+
+@pytest.mark.parametrize("mode", ["raise", "skip"])
+def test_a_non_finite_gradient_raises_or_skips(tmp_path, mode):
+    model = make_model(InfiniteSlopeSphere(), nonfinite=mode)
+    trainer = make_trainer(tmp_path, max_steps=4)
+    loader = batches_loader(sphere_batches(4, poisoned={2: [3]}))
+    if mode == "raise":
+        with pytest.raises(NonFiniteLossError, match=r"non-finite gradient at global step 2 .*amortizer\.net"):
+            trainer.fit(model, train_dataloaders=loader)
+    else:
+        trainer.fit(model, train_dataloaders=loader)
+        assert model.skipped_steps == 1
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
