@@ -256,10 +256,13 @@ class ContextDataModule(LightningDataModule):
         splits = []
         if stage in (None, "fit") and self.train_size is not None:
             splits.append(("pool", self.train_size, self.needs_target))
+        # Evaluation sets carry y* only when it stays valid; objectives with learnable parameters (a VAE
+        # decoder) are measured against a solver run from the prediction instead (AmortizedModule.refine).
+        references = self.objective.references_fixed
         if stage in (None, "fit", "validate"):
-            splits.append(("val", self.val_size, True))
+            splits.append(("val", self.val_size, references))
         if stage in (None, "test"):
-            splits.append(("test", self.test_size, True))
+            splits.append(("test", self.test_size, references))
         if stage == "predict":
             splits.append(("test", self.test_size, False))
         return splits

@@ -15,6 +15,7 @@ from lightning_amor.amortizers import AmortizedOutput, Amortizer
 from lightning_amor.losses import AmortizationLoss, ObjectiveLoss
 from lightning_amor.metrics import AmortizationMetrics
 from lightning_amor.objective import Context, Objective, context_batch_size
+from lightning_amor.solvers import Solver
 
 NONFINITE_MODES = ("raise", "skip")
 
@@ -55,6 +56,9 @@ class AmortizedModule(LightningModule):
             stops training with the step and the offending context indices (or parameter names); ``skip``
             leaves the parameters and the optimizer state unchanged for that step (which still counts
             towards ``max_steps``). Under DDP the decision is the same on every rank.
+        refine: a solver run from each prediction during validation and test when the batch has no
+            reference solutions (objectives with learnable parameters): the gap and distance are then
+            measured against the refined solution, i.e. the amortization gap.
 
     Logged: ``train/loss``, ``train/objective``; on the validation and test sets
     ``{val,test}/objective`` (mean f(ŷ)), ``/gap`` (mean f(ŷ) − f(y*)), ``/distance`` (mean d(ŷ, y*)),
@@ -69,6 +73,7 @@ class AmortizedModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         nonfinite: str = "raise",
+        refine: Optional[Solver] = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
@@ -88,6 +93,7 @@ class AmortizedModule(LightningModule):
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
         self.nonfinite = nonfinite
+        self.refine = refine
         self.val_metrics = AmortizationMetrics()
         self.test_metrics = AmortizationMetrics()
         self.skipped_steps = 0
@@ -155,6 +161,8 @@ class AmortizedModule(LightningModule):
             torch.cuda.synchronize(self.device)
         elapsed_ms = 1000.0 * (time.perf_counter() - start)
         f_pred = self.objective(y, x)
+        if y_star is None and self.refine is not None:
+            y_star = self.refine.solve(self.objective, x, init=y.detach()).y
         f_star = self.objective(y_star, x) if y_star is not None else None
         distance = self.objective.distance(y, y_star) if y_star is not None else None
         metrics.update(f_pred, f_star, distance, self.objective.violation(y, x), elapsed_ms)

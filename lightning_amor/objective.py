@@ -123,6 +123,16 @@ class Objective(nn.Module):
             f"solutions, or use a loss and metrics that do not need them"
         )
 
+    @property
+    def has_oracle(self) -> bool:
+        """Whether this objective overrides :meth:`solve`."""
+        return type(self).solve is not Objective.solve
+
+    @property
+    def references_fixed(self) -> bool:
+        """Whether reference solutions can be solved once and reused: an oracle and no learnable parameters."""
+        return self.has_oracle and not any(p.requires_grad for p in self.parameters())
+
     def initial_point(self, x: Context) -> Tensor:
         """A default starting point ``B x n`` for solvers (zeros, projected onto the domain)."""
         param = next(self.parameters(), None)

@@ -375,3 +375,21 @@ def test_a_non_finite_gradient_raises_or_skips(tmp_path, mode):
         trainer.fit(model, train_dataloaders=loader)
         assert model.skipped_steps == 1
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_refine_measures_the_gap_against_a_solver_run_from_the_prediction(tmp_path):
+    """Without reference solutions in the batch, the gap is f(ŷ) − f(refined ŷ) and never negative."""
+    from lightning_amor.solvers import LBFGS
+
+    model = make_model(refine=LBFGS(steps=50))
+    batches = sphere_batches(2)
+    trainer = make_trainer(tmp_path)
+    (results,) = trainer.validate(model, dataloaders=batches_loader(batches), verbose=False)
+    x = torch.cat([b["x"] for b in batches])
+    with torch.no_grad():
+        y = model(x)
+        refined = LBFGS(steps=50).solve(model.objective, x, init=y).y
+        gap = (model.objective(y, x) - model.objective(refined, x)).mean()
+    assert results["val/gap"] == pytest.approx(float(gap), abs=1e-5)
+    assert results["val/gap"] > 0.01, "an untrained model should be far from its refined solution"
+    assert {"val/objective", "val/distance"} <= set(results)
