@@ -172,6 +172,14 @@ class ContextDataModule(LightningDataModule):
         """Draw ``num`` contexts from p(x) with ``generator`` (a CPU generator); returns a batch of ``num``."""
         raise NotImplementedError(f"{type(self).__name__} must implement sample(num, generator)")
 
+    def sample_split(self, split: str, num: int, generator: torch.Generator) -> Context:
+        """Draw the ``num`` contexts of a fixed set: ``split`` is ``val``, ``test`` or ``pool`` (the training pool).
+
+        Defaults to :meth:`sample`; a data module over a finite data set overrides it to draw the
+        validation and test sets from held-out examples.
+        """
+        return self.sample(num, generator)
+
     # --- wiring -------------------------------------------------------------------------------
     def attach(self, objective: Objective, needs_target: bool = False) -> None:
         """Use ``objective`` for reference solutions (done automatically from the trainer's module)."""
@@ -228,7 +236,7 @@ class ContextDataModule(LightningDataModule):
 
     def fixed_set(self, split: str, size: int, with_targets: bool = True) -> dict[str, Context]:
         """The seeded contexts of a split and, when asked, their reference solutions (from the cache if present)."""
-        x = self.sample(size, seeded_generator(self.seed, _STREAMS[split]))
+        x = self.sample_split(split, size, seeded_generator(self.seed, _STREAMS[split]))
         if not with_targets:
             return {"x": x}
         key = self.cache_key(split, size)
