@@ -38,6 +38,9 @@ def main(args: Optional[list[str]] = None) -> None:
         subclass_mode_data=True,
         args=args if args is not None else sys.argv[1:],
         auto_configure_optimizers=False,
+        # A rerun into the same folder (e.g. without a versioned logger) must not abort: the recipe is also
+        # stored in every checkpoint.
+        save_config_kwargs={"overwrite": True},
     )
 
 
