@@ -4,8 +4,8 @@
 
 Both loops train the recipe's own model on the recipe's own data stream (the same batches, drawn by the
 data module's dataset in both) with the recipe's optimizer; the hand-written loop does exactly the
-math of `AmortizedModule.training_step` (forward, loss, finiteness check, backward, step) and
-nothing else. Step time is measured after a warm-up, from the first timed step's start to the last
+math of `AmortizedModule.training_step` and `optimizer_step` (forward, loss, finiteness checks of the
+loss and the gradients, backward, step) and nothing else. Step time is measured after a warm-up, from the first timed step's start to the last
 one's end. The DDP part launches the recipe with `--trainer.devices 2 --trainer.strategy ddp` on
 the CPU (gloo) and compares contexts per second with one process.
 """
@@ -90,6 +90,8 @@ def plain_step_ms(module: AmortizedModule, data: ContextDataModule, steps: int, 
         loss = per_context.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if not module._gradients_finite():  # the module's own check, so both loops do the same work
+            raise FloatingPointError("non-finite gradient")
         optimizer.step()
     return 1000.0 * (time.perf_counter() - start) / steps
 
