@@ -5,9 +5,10 @@
 Both loops train the recipe's own model on the recipe's own data stream (the same batches, drawn by the
 data module's dataset in both) with the recipe's optimizer; the hand-written loop does exactly the
 math of `AmortizedModule.training_step` and `optimizer_step` (forward, loss, finiteness checks of the
-loss and the gradients, backward, step) and nothing else. Step time is measured after a warm-up, from the first timed step's start to the last
-one's end. The DDP part launches the recipe with `--trainer.devices 2 --trainer.strategy ddp` on
-the CPU (gloo) and compares contexts per second with one process.
+loss and the gradients, backward, step) and nothing else. Step time is measured after a warm-up, from
+the first timed step's start to the last one's end. The DDP part launches the recipe with
+`--trainer.devices 2 --trainer.strategy ddp` on the CPU (gloo) and compares contexts per second with
+one process.
 """
 
 from __future__ import annotations
