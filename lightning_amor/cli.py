@@ -2,17 +2,105 @@
 
 from __future__ import annotations
 
-import sys
-from typing import Optional
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
 
-from pytorch_lightning.cli import LightningCLI
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.context import ContextDataModule
-from lightning_amor.module import AmortizedModule
+from lightning_amor.callbacks import Preempted, PreemptionCheckpoint
+from lightning_amor.module import AmortizedModule, BadCheckpointError
+
+# ckpt_path values that Lightning resolves itself ("last" looks in the ModelCheckpoint directories)
+_RESOLVED_BY_LIGHTNING = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_file(path: Any) -> None:
+    """Raise :class:`BadCheckpointError` naming ``path`` unless it is a readable Lightning checkpoint.
+
+    Cheap even for large files: the zip directory is checked first and tensors are memory-mapped, not read.
+    ``None``, remote URLs and the values Lightning resolves itself (``last``, ``best``, ``hpc``) pass unchecked.
+    """
+    if path is None or str(path).split(":")[0] in _RESOLVED_BY_LIGHTNING or "://" in str(path):
+        return
+    file = Path(path)
+    if not file.is_file():
+        where = "is a directory, not a file" if file.is_dir() else "does not exist"
+        raise BadCheckpointError(f"--ckpt_path {path} {where}; pass a .ckpt file, or `last` to resume a run")
+    if not zipfile.is_zipfile(file):
+        with open(file, "rb") as handle:
+            starts_like_torch = handle.read(4) == b"PK\x03\x04"
+        reason = (
+            f"is truncated: it begins like a PyTorch checkpoint but its end is missing ({file.stat().st_size} bytes; "
+            "an interrupted copy or write?)" if starts_like_torch
+            else "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is none)"
+        )
+        raise BadCheckpointError(f"the checkpoint {path} {reason}; use another checkpoint, or start without it")
+    try:
+        content = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever torch cannot read is reported the same way
+        raise BadCheckpointError(f"the checkpoint {path} cannot be read: {type(err).__name__}: {err}") from err
+    missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in content] if isinstance(
+        content, dict) else ["state_dict"]
+    if missing:
+        found = sorted(map(str, content))[:8] if isinstance(content, dict) else type(content).__name__
+        raise BadCheckpointError(
+            f"the checkpoint {path} is a PyTorch file but not a Lightning checkpoint: it lacks {missing} (it holds "
+            f"{found}); pass a file written by ModelCheckpoint or Trainer.save_checkpoint"
+        )
 
 
 class AmortCLI(LightningCLI):
-    """LightningCLI with subclass mode for models and data; prints the held-out metrics after ``fit``."""
+    """LightningCLI with subclass mode for models and data; prints the held-out metrics after ``fit``.
+
+    Every run gets a :class:`~lightning_amor.callbacks.PreemptionCheckpoint` (configured under ``preemption:``),
+    and a ``--ckpt_path`` file is checked before anything is built. The recipe is the source of truth for the
+    model: unlike plain LightningCLI, which rebuilds the model from the hyperparameters stored in a ``--ckpt_path``
+    file, a checkpoint of another model is an error listing the parameters that differ, and resuming with changed
+    settings (``--model.init_args.nonfinite skip``, say) keeps them.
+    """
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+
+    def _parse_ckpt_path(self) -> None:
+        """Keep the recipe's model (LightningCLI would rebuild it from the checkpoint's hyperparameters)."""
+
+    def _check_last_checkpoint(self) -> None:
+        """With ``--ckpt_path last``, check the file it stands for: the newest ``last*.ckpt`` in the folders of
+        the trainer's ModelCheckpoints (as Lightning resolves it; folders that depend on the logger are skipped)."""
+        if self.config[self.subcommand].get("ckpt_path") != "last":
+            return
+        found = [
+            path
+            for callback in self.trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath and Path(callback.dirpath).is_dir()
+            for path in Path(callback.dirpath).iterdir()
+            if path.suffix == callback.FILE_EXTENSION and path.stem.startswith(callback.CHECKPOINT_NAME_LAST)
+        ]
+        if found:
+            check_checkpoint_file(max(found, key=lambda path: path.stat().st_mtime))
+
+    def before_fit(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_validate(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_last_checkpoint()
+
+    def before_predict(self) -> None:
+        self._check_last_checkpoint()
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -29,19 +117,31 @@ class AmortCLI(LightningCLI):
             print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
 
 
+def _close_process_group() -> None:
+    """Destroy the default process group (DDP) before the interpreter exits: Lightning leaves it open, and gloo's
+    worker threads can then abort the process at exit (SIGABRT after a finished run)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lightning-amor`` console script (fit / validate / test / predict)."""
-    AmortCLI(
-        AmortizedModule,
-        ContextDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=args if args is not None else sys.argv[1:],
-        auto_configure_optimizers=False,
-        # A rerun into the same folder (e.g. without a versioned logger) must not abort: the recipe is also
-        # stored in every checkpoint.
-        save_config_kwargs={"overwrite": True},
-    )
+    try:
+        AmortCLI(
+            AmortizedModule,
+            ContextDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            auto_configure_optimizers=False,
+            # A rerun into the same folder (e.g. without a versioned logger) must not abort: the recipe is also
+            # stored in every checkpoint.
+            save_config_kwargs={"overwrite": True},
+        )
+    except Preempted:
+        _close_process_group()  # the ranks stopped together, after saving one checkpoint
+        raise
+    _close_process_group()  # not after other errors: ranks may still be waiting in a collective
 
 
 if __name__ == "__main__":

@@ -24,6 +24,32 @@ class NonFiniteLossError(FloatingPointError):
     """The loss of some contexts was NaN or infinite."""
 
 
+class BadCheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, unreadable, not a Lightning checkpoint, or of another model."""
+
+
+def state_dict_mismatch(model: dict[str, Tensor], saved: dict[str, Any], strict: bool = True) -> list[str]:
+    """Lines naming what keeps ``saved`` (a checkpoint's ``state_dict``) from loading into ``model``'s.
+
+    Shapes must always match; with ``strict`` the names must too. An empty list: it loads.
+    """
+
+    def shape(value: Any) -> str:
+        return str(tuple(value.shape)) if isinstance(value, Tensor) else type(value).__name__
+
+    lines = [
+        f"  {name}: {shape(saved[name])} in the checkpoint, {shape(value)} in the model"
+        for name, value in model.items()
+        if name in saved and isinstance(saved[name], Tensor) and saved[name].shape != value.shape
+    ]
+    if strict:
+        lines += [f"  {name}: {shape(value)} in the model, missing from the checkpoint"
+                  for name, value in model.items() if name not in saved]
+        lines += [f"  {name}: {shape(value)} in the checkpoint, not in the model"
+                  for name, value in saved.items() if name not in model]
+    return lines
+
+
 def _built_from_config() -> bool:
     """Whether LightningCLI (or load_from_checkpoint) is instantiating the module from a plain config."""
     try:
@@ -228,3 +254,19 @@ class AmortizedModule(LightningModule):
             return optimizer
         scheduler = self.lr_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before the weights are loaded: a checkpoint of another model is an error naming the file and every
+        parameter whose name or shape differs (Lightning calls this before ``load_state_dict``). Names are compared
+        when a Trainer loads with ``strict_loading``; ``load_from_checkpoint(strict=False)`` checks shapes only."""
+        strict = self._trainer is not None and self.strict_loading
+        problems = state_dict_mismatch(self.state_dict(), checkpoint.get("state_dict", {}), strict)
+        if problems:
+            path = self._trainer.ckpt_path if self._trainer is not None else None
+            shown = problems[:20] + ([f"  ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+            raise BadCheckpointError(
+                f"the checkpoint {path or '(loaded directly)'} does not fit this {type(self).__name__}: it was saved "
+                f"from another model (another recipe, or other sizes); {len(problems)} parameter(s) differ:\n"
+                + "\n".join(shown)
+                + "\nUse the recipe and overrides the checkpoint was trained with, or start without --ckpt_path."
+            )

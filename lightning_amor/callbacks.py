@@ -1,0 +1,179 @@
+"""Training callbacks: a checkpoint on preemption signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, Callable, Optional, Union
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+PREEMPTED_EXIT_CODE = 75
+"""Exit status of a run stopped by a preemption signal after saving its checkpoint (``EX_TEMPFAIL``: try again).
+
+Not 0, so that schedulers and launchers that restart failed work (torchrun ``--max-restarts``, Kubernetes
+``OnFailure``, ``fit && test`` chains) do not mistake an interrupted run for a finished one."""
+
+_Handler = Union[Callable[[int, Any], Any], int, None]
+
+
+class Preempted(SIGTERMException):
+    """Training stopped on a preemption signal after saving a checkpoint.
+
+    A ``SystemExit`` (as Lightning's own ``SIGTERMException``, which it subclasses): uncaught, the process exits
+    with :data:`PREEMPTED_EXIT_CODE` and no traceback.
+    """
+
+
+def _on_any_rank(trainer: pl.Trainer, flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank: one all-reduce of a single number (and a host sync) per call."""
+    if trainer.world_size == 1 or not torch.distributed.is_initialized():
+        return flag
+    count = torch.tensor([int(flag)], device=trainer.strategy.root_device)
+    torch.distributed.all_reduce(count)
+    return bool(count.item())
+
+
+class PreemptionCheckpoint(Callback):
+    """On a preemption signal, save ``last.ckpt`` at the next training-batch boundary and stop with exit status 75.
+
+    ``lightning-amor`` adds this callback to every run (configure it under ``preemption:`` in a recipe, or with
+    ``--preemption.signals``). Resume with ``--ckpt_path last``: the checkpoint goes to the directory of the
+    trainer's ``ModelCheckpoint`` (the one with ``save_last`` if several), under that callback's ``last`` name, so
+    Lightning finds it; without a ``ModelCheckpoint`` it goes to ``default_root_dir/last.ckpt``.
+
+    How it shares the signals with Lightning (nothing of Lightning's is replaced):
+
+    - ``SIGTERM`` is caught by Lightning's own signal connector during every fit, which sets
+      ``trainer.received_sigterm`` and raises ``SIGTERMException`` at the end of the batch; this callback reads the
+      flag and saves just before. Under DDP, Lightning forwards the signal to the ranks it launched.
+    - Other signals (``SIGUSR1`` by default) get a handler from the start of training to its end, which records
+      the signal and then calls the handler that was there before: under SLURM with ``auto_requeue`` that is
+      Lightning's requeue handler, which still saves its ``hpc_ckpt_<n>.ckpt`` and requeues the job. A signal set to
+      ``SIG_IGN`` stays ignored.
+    - Under DDP the ranks decide together (any rank signalled: all save and stop), so one rank's signal is enough.
+    - A ``SIGTERM`` that Lightning acts on outside a batch boundary (during validation, say) is handled when its
+      exception passes: one process saves then; several processes exit without saving (their collectives may be
+      out of step), and the last periodic checkpoint is the one to resume from. The exit status is 75 here too.
+
+    A signal that arrives after the last training step lets the run finish normally.
+
+    Args:
+        signals: names of the signals that preempt (``SIGKILL`` and ``SIGSTOP`` cannot be caught).
+        exit_code: the exit status of a preempted run (0 makes it look finished to schedulers).
+    """
+
+    def __init__(self, signals: Sequence[str] = ("SIGTERM", "SIGUSR1"), exit_code: int = PREEMPTED_EXIT_CODE) -> None:
+        names = [str(name).upper() for name in signals]
+        catchable = sorted(s.name for s in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+                           if isinstance(s, signal.Signals))
+        unknown = [name for name in names if name not in catchable]
+        if unknown:
+            raise ValueError(f"PreemptionCheckpoint: cannot catch {unknown}; choose among {catchable}")
+        self.signals = names
+        self.exit_code = exit_code
+        self.received: list[str] = []
+        self.saved_path: Optional[str] = None
+        self._previous: dict[signal.Signals, _Handler] = {}
+        self._training = False
+
+    # --- signal handlers ---------------------------------------------------------------------------------
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread install handlers; SIGTERM still works through Lightning
+        for name in self.signals:
+            signum = signal.Signals[name]
+            if signum == signal.SIGTERM:
+                continue  # Lightning's connector owns SIGTERM during fit
+            previous = signal.getsignal(signum)
+            if previous == signal.SIG_IGN:
+                continue
+            self._previous[signum] = previous
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.received.append(signal.Signals(signum).name)
+        previous = self._previous.get(signal.Signals(signum))
+        if callable(previous) and previous is not signal.default_int_handler:
+            previous(signum, frame)
+
+    def _restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    # --- what was asked ----------------------------------------------------------------------------------
+    def _requested(self, trainer: pl.Trainer) -> list[str]:
+        names = list(dict.fromkeys(self.received))
+        if "SIGTERM" in self.signals and trainer.received_sigterm and "SIGTERM" not in names:
+            names.append("SIGTERM")
+        return names
+
+    def _checkpoint_target(self, trainer: pl.Trainer) -> tuple[str, Optional[ModelCheckpoint]]:
+        """Where ``--ckpt_path last`` will look: the ``last`` file of the trainer's ``ModelCheckpoint``."""
+        candidates = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+        keeper = next((cb for cb in candidates if cb.save_last), candidates[0] if candidates else None)
+        if keeper is None:
+            return os.path.join(str(trainer.default_root_dir), "last.ckpt"), None
+        metrics = dict(trainer.callback_metrics, epoch=trainer.current_epoch, step=trainer.global_step)
+        return keeper.format_checkpoint_name(metrics, keeper.CHECKPOINT_NAME_LAST), keeper
+
+    def _save(self, trainer: pl.Trainer) -> str:
+        """Save the checkpoint; return how to resume from it."""
+        path, keeper = self._checkpoint_target(trainer)
+        if keeper is not None and keeper.save_last:
+            keeper.last_model_path = path  # its next periodic save then overwrites this file, not a last-v1.ckpt
+        trainer.save_checkpoint(path, weights_only=False)
+        self.saved_path = path
+        resume = "--ckpt_path last" if keeper is not None else f"--ckpt_path {path}"
+        return f"saved a checkpoint at global step {trainer.global_step} to {path}; resume with {resume}"
+
+    def _announce(self, trainer: pl.Trainer, names: list[str], outcome: str) -> None:
+        if trainer.is_global_zero:
+            print(f"\npreempted by {', '.join(names)}: {outcome} (exit status {self.exit_code})",
+                  file=sys.stderr, flush=True)
+
+    def _training_done(self, trainer: pl.Trainer) -> bool:
+        return 0 <= trainer.max_steps <= trainer.global_step
+
+    # --- hooks --------------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.received, self.saved_path, self._training = [], None, True
+        self._install()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        names = self._requested(trainer)
+        if not _on_any_rank(trainer, bool(names)) or self._training_done(trainer):
+            return
+        self._announce(trainer, names or ["a signal to another rank"], self._save(trainer))
+        raise Preempted(self.exit_code)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training = False
+        self._restore()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore()
+        training, self._training = self._training, False
+        if isinstance(exception, Preempted) or not isinstance(exception, SIGTERMException):
+            return
+        if "SIGTERM" not in self.signals:
+            return
+        # Lightning stopped on SIGTERM away from a training-batch boundary: in validation, or before training
+        if not training:
+            outcome = "stopped before training started; nothing new to save"
+        elif trainer.world_size > 1:
+            outcome = "stopped outside a batch boundary, where several processes cannot save together; resume " \
+                      "from the last periodic checkpoint with --ckpt_path last"
+        else:
+            outcome = self._save(trainer)
+        self._announce(trainer, ["SIGTERM"], outcome)
+        exception.code = self.exit_code
