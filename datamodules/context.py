@@ -19,7 +19,9 @@ from torch.utils.data.distributed import DistributedSampler
 from lightning_amor.objective import Context, Objective, context_batch_size, context_index
 
 _STREAMS = {"train": 0, "val": 1, "test": 2, "pool": 3, "predict": 4}
-_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "batches_per_epoch")
+# Settings that do not change a fixed set's contexts (its own size enters the key separately).
+_NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "batches_per_epoch", "train_size",
+               "val_size", "test_size")
 
 
 def default_cache_dir() -> Path:

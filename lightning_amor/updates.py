@@ -83,8 +83,9 @@ class LearnedUpdate(InnerUpdate):
     """A learned, coordinate-wise update rule (Andrychowicz et al. 2016) on top of gradient descent.
 
     Each coordinate's features (its gradient and, for ``kind="gru"``, a hidden state) go through
-    a small MLP or GRU cell shared by all coordinates, so the rule works for any dimension ``n``:
-    ``y_{t+1} = y_t - α ∇f + scale · net(features)``. The output layer starts at zero, so an
+    a small MLP or GRU cell shared by all coordinates, so the rule works for any dimension ``n``.
+    The network outputs a per-coordinate step size: ``y_{t+1} = y_t - (α + scale · net(features)) ∇f``,
+    so a stationary point of f stays a fixed point of the rule. The output layer starts at zero, so an
     untrained rule is plain gradient descent, which keeps early training stable.
     """
 
@@ -112,7 +113,7 @@ class LearnedUpdate(InnerUpdate):
         return None
 
     def forward(self, y: Tensor, grad: Tensor, state: Any, t: int) -> tuple[Tensor, Any]:
-        """Gradient step plus the learned coordinate-wise correction."""
+        """A gradient step with the learned coordinate-wise step size."""
         g = grad.reshape(-1, 1)
         feats = torch.cat([g, torch.log(g.abs() + 1e-8) / 10.0, torch.tanh(100.0 * g)], dim=1)
         if self.kind == "gru":
@@ -120,6 +121,5 @@ class LearnedUpdate(InnerUpdate):
             h = state
         else:
             h = self.body(feats)
-        correction = self.head(h).reshape(y.shape)
-        y_new, _ = self.gradient(y, grad, None, t)
-        return y_new + self.scale * correction, state
+        step = self.gradient.lr.to(y.dtype) + self.scale * self.head(h).reshape(y.shape)
+        return y - step * grad, state

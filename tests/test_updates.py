@@ -103,7 +103,19 @@ def test_learned_update_starts_as_gradient_descent(kind: str) -> None:
     with torch.no_grad():
         update.head.bias.fill_(1.0)
     y_new, _ = update(y, grad, update.init_state(y), 0)
-    torch.testing.assert_close(y_new, y - update.gradient.lr * grad + update.scale)
+    torch.testing.assert_close(y_new, y - (update.gradient.lr + update.scale) * grad)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "gru"])
+def test_learned_update_keeps_stationary_points_fixed(kind: str) -> None:
+    """A learned step size, not an additive correction: where the gradient vanishes, the iterate stays."""
+    torch.manual_seed(0)
+    update = LearnedUpdate(kind, hidden=8)
+    torch.nn.init.normal_(update.head.weight)
+    torch.nn.init.normal_(update.head.bias)
+    y = torch.randn(3, 4)
+    y_new, _ = update(y, torch.zeros_like(y), update.init_state(y), 0)
+    torch.testing.assert_close(y_new, y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("kind", ["mlp", "gru"])

@@ -54,7 +54,7 @@ class SphereObjective(Objective):
         self.starts = starts
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}"
+        return f"temperature={self.temperature}, grid_points={self.grid_points}, starts={self.starts}"
 
     def split_context(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Centres ``B x m x 3`` and offsets ``B x m`` of contexts ``B x 4m``."""
