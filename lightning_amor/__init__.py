@@ -3,7 +3,7 @@
 from lightning_amor.amortizers import AmortizedOutput, Amortizer, FullyAmortized, SemiAmortized
 from lightning_amor.losses import AmortizationLoss, IterateSumLoss, ObjectiveLoss, RegressionLoss
 from lightning_amor.metrics import AmortizationMetrics
-from lightning_amor.module import AmortizedModule, NonFiniteLossError
+from lightning_amor.module import AmortizedModule, BadCheckpointError, NonFiniteLossError
 from lightning_amor.nets import MLP, LearnedConstant
 from lightning_amor.objective import Context, Objective, ObjectiveShapeError
 from lightning_amor.updates import AdamStep, GradientStep, InnerUpdate, LearnedUpdate
@@ -17,6 +17,7 @@ __all__ = [
     "AmortizedModule",
     "AmortizedOutput",
     "Amortizer",
+    "BadCheckpointError",
     "Context",
     "FullyAmortized",
     "GradientStep",
