@@ -171,11 +171,27 @@ class AmortizedModule(LightningModule):
             # optimizer_step then leaves the parameters and the optimizer state untouched.
             return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
         loss = per_context.mean()
-        batch_size = context_batch_size(x)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        if not isinstance(self.loss, ObjectiveLoss):
-            self.log("train/objective", self.objective(output.y.detach(), x).mean(), batch_size=batch_size)
+        if self._logging_step():
+            batch_size = context_batch_size(x)
+            self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+            if not isinstance(self.loss, ObjectiveLoss):
+                with torch.no_grad():
+                    self.log("train/objective", self.objective(output.y, x).mean(), batch_size=batch_size)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the logger writes this step's training scalars (every ``log_every_n_steps``): logging and the
+        extra objective evaluation are skipped on the other steps, where Lightning would discard them anyway."""
+        if self._trainer is None:
+            return True
+        every = self.trainer.log_every_n_steps
+        return every <= 1 or (self.global_step + 1) % every == 0 or self.global_step == 0
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        # Contexts are drawn on the CPU: on a CPU run there is nothing to move, so skip walking the batch.
+        if device.type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> None:
         x, y_star = unpack_batch(batch)
