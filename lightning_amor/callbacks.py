@@ -43,6 +43,9 @@ def _on_any_rank(trainer: pl.Trainer, flag: bool) -> bool:
 class PreemptionCheckpoint(Callback):
     """On a preemption signal, save ``last.ckpt`` at the next training-batch boundary and stop with exit status 75.
 
+    It also writes the final weights to that ``last.ckpt`` when training ends, so a run whose length is not a
+    multiple of the periodic checkpoint interval never loses its last steps.
+
     ``lightning-amor`` adds this callback to every run (configure it under ``preemption:`` in a recipe, or with
     ``--preemption.signals``). Resume with ``--ckpt_path last``: the checkpoint goes to the directory of the
     trainer's ``ModelCheckpoint`` (the one with ``save_last`` if several), under that callback's ``last`` name, so
@@ -159,6 +162,10 @@ class PreemptionCheckpoint(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = False
         self._restore()
+        _, keeper = self._checkpoint_target(trainer)
+        if keeper is not None and keeper.save_last and trainer.global_step > 0:
+            # The final weights, also when the run ends between two periodic saves (max_steps overridden).
+            self._save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore()

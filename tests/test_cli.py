@@ -163,3 +163,18 @@ def test_a_missing_recipe_file_is_named(tmp_path, capsys):
     missing = tmp_path / "no_such_recipe.yaml"
     message = run_expecting_failure(["fit", "--config", str(missing)], capsys)
     assert "no_such_recipe.yaml" in message
+
+
+def test_last_checkpoint_holds_the_final_weights_between_periodic_saves(tmp_path):
+    """A shipped recipe saves last.ckpt every 100 steps; a run of 7 steps still ends with its final weights there."""
+    import torch
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "sphere" / "full_objective.yaml"
+    main(args=[
+        "fit", "--config", str(recipe), "--trainer.max_steps", "7", "--trainer.val_check_interval", "7",
+        "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
+        "--data.init_args.val_size", "16", "--data.init_args.test_size", "16",
+        "--data.init_args.cache_dir", str(tmp_path / "cache"),
+    ])
+    last = tmp_path / "runs" / "sphere" / "full_objective" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7

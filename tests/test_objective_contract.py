@@ -31,6 +31,14 @@ def gradient_mapping(objective: Objective, y: Tensor, x: Context, step: float = 
     return (y - objective.project(y - step * grad)).norm(dim=-1) / step
 
 
+def with_oracle(objective_case: ObjectiveCase) -> Objective:
+    """A fresh float64 instance of a case that has an oracle."""
+    return objective_case.make().double()
+
+
+WITH_ORACLE = [case for case in OBJECTIVES if case.make().has_oracle]
+
+
 class ColumnValue(Objective):
     """Wraps an objective but returns ``B x 1`` values (a common mistake: ``keepdim=True``)."""
 
@@ -105,30 +113,6 @@ class TestObjectiveContract:
         assert bool(torch.isfinite(grad_projected).all()), grad_projected
         assert bool(torch.isfinite(grad).all()), grad
 
-    def test_oracle_returns_solutions_on_the_domain(self, objective_case: ObjectiveCase) -> None:
-        objective = objective_case.make().double()
-        x = contexts(objective_case, 6, seed=1, dtype=torch.float64)
-        y_star = objective.solve(x)
-        assert y_star.shape == (6, objective.dim)
-        assert y_star.dtype == torch.float64
-        assert bool(objective_case.in_domain(y_star).all()), y_star
-
-    def test_oracle_solutions_are_stationary(self, objective_case: ObjectiveCase) -> None:
-        objective = objective_case.make().double()
-        x = contexts(objective_case, 6, seed=2, dtype=torch.float64)
-        residual = gradient_mapping(objective, objective.solve(x), x)
-        assert bool((residual <= objective_case.stationarity_tol).all()), residual
-
-    def test_oracle_beats_random_points(self, objective_case: ObjectiveCase) -> None:
-        objective = objective_case.make().double()
-        batch, per_context = 6, 2000
-        x = contexts(objective_case, batch, seed=3, dtype=torch.float64)
-        best = objective(objective.solve(x), x)
-        like = objective.initial_point(x)
-        points = objective.random_points(batch * per_context, like=like, generator=torch.Generator().manual_seed(3))
-        random_values = objective(points, context_repeat(x, per_context)).view(batch, per_context)
-        assert bool((best <= random_values.min(dim=1).values + 1e-10).all()), (best, random_values.min(dim=1).values)
-
     def test_wrong_solution_dimension_is_rejected(self, objective_case: ObjectiveCase) -> None:
         objective = objective_case.make()
         x = contexts(objective_case, 5)
@@ -179,3 +163,32 @@ def test_inconsistent_dict_context_is_rejected() -> None:
 def test_registry_names_are_unique() -> None:
     names = [c.name for c in OBJECTIVES]
     assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("objective_case", WITH_ORACLE, ids=lambda c: c.name)
+class TestOracleContract:
+    """Every objective with an oracle: its solutions lie on the domain, are stationary and beat random points."""
+
+    def test_oracle_returns_solutions_on_the_domain(self, objective_case: ObjectiveCase) -> None:
+        objective = with_oracle(objective_case)
+        x = contexts(objective_case, 6, seed=1, dtype=torch.float64)
+        y_star = objective.solve(x)
+        assert y_star.shape == (6, objective.dim)
+        assert y_star.dtype == torch.float64
+        assert bool(objective_case.in_domain(y_star).all()), y_star
+
+    def test_oracle_solutions_are_stationary(self, objective_case: ObjectiveCase) -> None:
+        objective = with_oracle(objective_case)
+        x = contexts(objective_case, 6, seed=2, dtype=torch.float64)
+        residual = gradient_mapping(objective, objective.solve(x), x)
+        assert bool((residual <= objective_case.stationarity_tol).all()), residual
+
+    def test_oracle_beats_random_points(self, objective_case: ObjectiveCase) -> None:
+        objective = with_oracle(objective_case)
+        batch, per_context = 6, 2000
+        x = contexts(objective_case, batch, seed=3, dtype=torch.float64)
+        best = objective(objective.solve(x), x)
+        like = objective.initial_point(x)
+        points = objective.random_points(batch * per_context, like=like, generator=torch.Generator().manual_seed(3))
+        random_values = objective(points, context_repeat(x, per_context)).view(batch, per_context)
+        assert bool((best <= random_values.min(dim=1).values + 1e-10).all()), (best, random_values.min(dim=1).values)

@@ -9,11 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from datamodules.images import MNIST_FILES, write_idx
 from lightning_amor import AmortizedModule
 from lightning_amor.cli import main
 
@@ -28,6 +30,7 @@ def smoke_overrides(recipe: Path, tmp_path: Path) -> list[str]:
     """Command-line overrides that shrink ``recipe`` to a CPU smoke test writing only under ``tmp_path``."""
     config = yaml.safe_load(recipe.read_text())
     trainer, data = config.get("trainer") or {}, (config.get("data") or {}).get("init_args") or {}
+    model = (config.get("model") or {}).get("init_args") or {}
     args = [
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
         "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false",
@@ -38,12 +41,24 @@ def smoke_overrides(recipe: Path, tmp_path: Path) -> list[str]:
     ]
     if data.get("train_size") is not None:
         args += ["--data.init_args.train_size", "64"]
+    if "root" in data:  # a data set read from a folder (MNIST): point it at tiny generated IDX files
+        args += ["--data.init_args.root", str(tiny_mnist(tmp_path / "mnist")), "--data.init_args.download", "false"]
+    if "steps" in ((model.get("refine") or {}).get("init_args") or {}):  # the solver that measures the gap
+        args += ["--model.init_args.refine.init_args.steps", "5"]
     logger = trainer.get("logger")
     if isinstance(logger, dict) and "class_path" in logger:
         args += ["--trainer.logger.init_args.save_dir", str(tmp_path / "logs")]
     if str(trainer.get("precision")) in CPU_PRECISION:
         args += ["--trainer.precision", CPU_PRECISION[str(trainer["precision"])]]
     return args
+
+
+def tiny_mnist(folder: Path) -> Path:
+    """MNIST-shaped IDX files (80 training and 40 test images of random pixels) in ``folder``."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 80), ("test", 40)):
+        write_idx(folder / f"{MNIST_FILES[split]}.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+    return folder
 
 
 def test_recipes_are_found():
