@@ -193,18 +193,27 @@ class AmortizedModule(LightningModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> None:
-        x, y_star = unpack_batch(batch)
+    def timed_prediction(self, x: Context) -> tuple[Tensor, float]:
+        """The prediction ``B x n`` for contexts ``x`` and its wall time in milliseconds (device synchronised)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         y = self.amortizer(x, self.objective).y
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed_ms = 1000.0 * (time.perf_counter() - start)
-        f_pred = self.objective(y, x)
+        return y, 1000.0 * (time.perf_counter() - start)
+
+    def reference_solutions(self, x: Context, y: Tensor, y_star: Optional[Tensor]) -> Optional[Tensor]:
+        """The batch's reference solutions ``B x n``, or with ``refine`` and none cached, the solver run from ``y``."""
         if y_star is None and self.refine is not None:
-            y_star = self.refine.solve(self.objective, x, init=y.detach()).y
+            return self.refine.solve(self.objective, x, init=y.detach()).y
+        return y_star
+
+    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> None:
+        x, y_star = unpack_batch(batch)
+        y, elapsed_ms = self.timed_prediction(x)
+        y_star = self.reference_solutions(x, y, y_star)
+        f_pred = self.objective(y, x)
         f_star = self.objective(y_star, x) if y_star is not None else None
         distance = self.objective.distance(y, y_star) if y_star is not None else None
         metrics.update(f_pred, f_star, distance, self.objective.violation(y, x), elapsed_ms)

@@ -21,7 +21,6 @@ Networks: for 8×8 digits a pair of :class:`~lightning_amor.MLP` (encoder ``64 -
 from __future__ import annotations
 
 import math
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Sequence
@@ -418,17 +417,10 @@ class VAEModule(AmortizedModule):
     def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> None:
         x, y_star = unpack_batch(batch)
         parts = self.val_parts if metrics is self.val_metrics else self.test_parts
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        begin = time.perf_counter()
-        y = self.amortizer(x, self.objective).y
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        elapsed_ms = 1000.0 * (time.perf_counter() - begin)
+        y, elapsed_ms = self.timed_prediction(x)
         reconstruction, kl = self.objective.parts(y, x)
         f_pred = reconstruction + kl
-        if y_star is None and self.refine is not None:
-            y_star = self.refine.solve(self.objective, x, init=y.detach()).y
+        y_star = self.reference_solutions(x, y, y_star)
         f_star = self.objective(y_star, x) if y_star is not None else None
         distance = self.objective.distance(y, y_star) if y_star is not None else None
         metrics.update(f_pred, f_star, distance, None, elapsed_ms)
