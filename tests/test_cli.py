@@ -178,3 +178,14 @@ def test_last_checkpoint_holds_the_final_weights_between_periodic_saves(tmp_path
     ])
     last = tmp_path / "runs" / "sphere" / "full_objective" / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 7
+
+
+def test_the_default_progress_bar_redraws_every_few_steps():
+    from datamodules import ContextDataModule
+    from lightning_amor import AmortizedModule
+    from lightning_amor.cli import PROGRESS_REFRESH, AmortCLI
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "sphere" / "full_objective.yaml"
+    cli = AmortCLI(AmortizedModule, ContextDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   run=False, args=["--config", str(recipe)])
+    assert cli.trainer.progress_bar_callback.refresh_rate == PROGRESS_REFRESH > 1
