@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 from pytorch_lightning import Trainer
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.context import ContextDataModule
@@ -71,7 +71,8 @@ class AmortCLI(LightningCLI):
         """The trainer, with a progress bar that redraws every ``PROGRESS_REFRESH`` steps unless the recipe brings
         its own (Lightning's default redraws every step, about 5% of a small model's step on a CPU)."""
         config = self._get(self.config_init, "trainer", default={})
-        callbacks = list(config.get("callbacks") or [])
+        given = config.get("callbacks") or []
+        callbacks = [given] if isinstance(given, Callback) else list(given)
         if config.get("enable_progress_bar", True) is not False and not any(
             isinstance(callback, ProgressBar) for callback in callbacks
         ):

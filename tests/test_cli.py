@@ -189,3 +189,16 @@ def test_the_default_progress_bar_redraws_every_few_steps():
     cli = AmortCLI(AmortizedModule, ContextDataModule, subclass_mode_model=True, subclass_mode_data=True,
                    run=False, args=["--config", str(recipe)])
     assert cli.trainer.progress_bar_callback.refresh_rate == PROGRESS_REFRESH > 1
+
+
+def test_a_single_callback_on_the_command_line_keeps_the_default_progress_bar():
+    from datamodules import ContextDataModule
+    from lightning_amor import AmortizedModule
+    from lightning_amor.cli import AmortCLI
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "sphere" / "full_objective.yaml"
+    cli = AmortCLI(AmortizedModule, ContextDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                   run=False, args=["--config", str(recipe), "--trainer.callbacks",
+                                    "pytorch_lightning.callbacks.LearningRateMonitor"])
+    names = {type(callback).__name__ for callback in cli.trainer.callbacks}
+    assert {"LearningRateMonitor", "TQDMProgressBar"} <= names
