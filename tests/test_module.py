@@ -284,19 +284,34 @@ def test_test_and_predict_stages(tmp_path):
         torch.testing.assert_close(predictions, model(x))
 
 
+class LearnableShiftSphere(SphereObjective):
+    """The sphere objective plus (s − 0.5)² for a learnable context parameter s (as a VAE decoder or a critic)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.zeros(()))
+
+    def value(self, y: Tensor, x: Context) -> Tensor:
+        return super().value(y, x) + (self.shift - 0.5) ** 2
+
+
 @pytest.mark.parametrize("stop", [2, 4, 5])
-def test_resuming_from_a_checkpoint_continues_exactly(tmp_path, stop):
-    """Stopping at the end of an epoch (4) or within one (2, 5) and resuming reproduces the uninterrupted run."""
+@pytest.mark.parametrize("objective", [SphereObjective, LearnableShiftSphere], ids=["static", "learnable"])
+def test_resuming_from_a_checkpoint_continues_exactly(tmp_path, stop, objective):
+    """Stopping at the end of an epoch (4) or within one (2, 5) and resuming reproduces the uninterrupted run,
+    learnable context parameters included."""
     data = functools.partial(make_data, tmp_path, batch_size=8, batches_per_epoch=4)
-    straight = make_model()
+    straight = make_model(objective())
     make_trainer(tmp_path, max_steps=10, limit_val_batches=0).fit(straight, data())
     first = make_trainer(tmp_path, max_steps=stop, limit_val_batches=0)
-    first.fit(make_model(), data())
+    first.fit(make_model(objective()), data())
     first.save_checkpoint(tmp_path / "stop.ckpt")
-    resumed = make_model()
+    resumed = make_model(objective())
     make_trainer(tmp_path, max_steps=10, limit_val_batches=0).fit(resumed, data(), ckpt_path=tmp_path / "stop.ckpt")
     for a, b in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if objective is LearnableShiftSphere:
+        assert 0.0 < float(resumed.objective.shift) < 0.5, "the context parameter must have trained"
 
 
 # --- AmortizationMetrics --------------------------------------------------------------------------------
