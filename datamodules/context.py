@@ -299,6 +299,12 @@ class ContextDataModule(LightningDataModule):
         clone.__dict__.update(trainer=None, _objective=None, _sets={})
         return clone
 
+    def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
+        # Contexts are drawn on the CPU: on a CPU run there is nothing to move, so skip walking the batch.
+        if device.type == "cpu":
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # --- loaders --------------------------------------------------------------------------------
     def _batches_consumed(self) -> Optional[int]:
         """Training batches this rank has processed so far (restored with a checkpoint); ``None`` outside a fit."""

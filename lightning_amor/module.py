@@ -187,11 +187,6 @@ class AmortizedModule(LightningModule):
         every = self.trainer.log_every_n_steps
         return every <= 1 or (self.global_step + 1) % every == 0 or self.global_step == 0
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        # Contexts are drawn on the CPU: on a CPU run there is nothing to move, so skip walking the batch.
-        if device.type == "cpu":
-            return batch
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def timed_prediction(self, x: Context) -> tuple[Tensor, float]:
         """The prediction ``B x n`` for contexts ``x`` and its wall time in milliseconds (device synchronised)."""
