@@ -225,6 +225,8 @@ class Adam(Solver):
         eps: Added to the denominator for numerical stability.
         tol: Samples whose gradient norm of ``F`` is at most ``tol`` stop updating (their moment
             estimates freeze too); ``None`` runs every step.
+        decay: ``constant`` step size, or ``linear`` decay from ``lr`` to 0 over ``steps`` (for noisy
+            objectives, so the iterates settle instead of jittering).
     """
 
     def __init__(
@@ -234,8 +236,12 @@ class Adam(Solver):
         betas: Sequence[float] = (0.9, 0.999),
         eps: float = 1e-8,
         tol: Optional[float] = None,
+        decay: str = "constant",
     ) -> None:
         self.steps = _check_steps("Adam", steps)
+        if decay not in ("constant", "linear"):
+            raise ValueError(f"Adam: decay must be 'constant' or 'linear', got {decay!r}")
+        self.decay = decay
         if lr <= 0:
             raise ValueError(f"Adam: lr must be positive, got {lr}")
         betas = tuple(float(b) for b in betas)
@@ -272,6 +278,8 @@ class Adam(Solver):
             new_avg = torch.lerp(exp_avg, grad, 1.0 - beta1)
             new_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1.0 - beta2)
             step_size = self.lr / (1.0 - beta1**step)
+            if self.decay == "linear":
+                step_size *= 1.0 - k / self.steps
             denom = (new_avg_sq.sqrt() / (1.0 - beta2**step) ** 0.5).add(self.eps)
             y_new = objective.project(y.addcdiv(new_avg, denom, value=-step_size)).detach()
             if active is None:

@@ -190,6 +190,25 @@ def test_adam_matches_torch_optim() -> None:
         torch.testing.assert_close(trajectory[k + 1], param.detach(), atol=1e-12, rtol=1e-12)
 
 
+def test_adam_linear_decay_matches_torch_optim_with_a_linear_schedule() -> None:
+    objective, x = Rosenbrock(), _contexts(3, 2, seed=4)
+    init = _contexts(3, 2, seed=5)
+    lr, steps = 1e-2, 30
+    trajectory: list[Tensor] = []
+    Adam(steps=steps, lr=lr, decay="linear").solve(objective, x, init=init, callback=lambda k, y: trajectory.append(y))
+    param = init.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([param], lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1.0 - k / steps)
+    for k in range(steps):
+        optimizer.zero_grad()
+        objective.projected(param, x).sum().backward()
+        optimizer.step()
+        schedule.step()
+        torch.testing.assert_close(trajectory[k + 1], param.detach(), atol=1e-12, rtol=1e-12)
+    with pytest.raises(ValueError, match="decay must be 'constant' or 'linear'"):
+        Adam(decay="cosine")
+
+
 @pytest.mark.parametrize(
     "solver",
     [GradientDescent(steps=500, lr=0.25, tol=1e-4), Adam(steps=3000, lr=0.05, tol=1e-3), LBFGS(steps=100, tol=1e-6)],

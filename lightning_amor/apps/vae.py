@@ -37,7 +37,7 @@ from lightning_amor.losses import AmortizationLoss
 from lightning_amor.metrics import AmortizationMetrics
 from lightning_amor.module import AmortizedModule, unpack_batch
 from lightning_amor.objective import Context, Objective, ObjectiveShapeError
-from lightning_amor.solvers import Callback, Solver, SolverResult
+from lightning_amor.solvers import Adam, Callback, Solver, SolverResult
 
 NoiseMode = Literal["never", "eval", "always"]
 
@@ -251,37 +251,20 @@ class SVI(Solver):
         self, steps: int = 300, lr: float = 1e-2, samples: int = 4, betas: Sequence[float] = (0.9, 0.999),
         eps: float = 1e-8,
     ) -> None:
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"SVI: steps must be a non-negative integer, got {steps}")
-        if lr <= 0 or samples < 1:
-            raise ValueError(f"SVI: lr must be positive and samples at least 1, got lr={lr}, samples={samples}")
-        self.steps, self.lr, self.samples = int(steps), float(lr), int(samples)
-        self.betas, self.eps = tuple(float(b) for b in betas), float(eps)
+        if samples < 1:
+            raise ValueError(f"SVI: samples must be at least 1, got {samples}")
+        self.samples = int(samples)
+        self.adam = Adam(steps=steps, lr=lr, betas=betas, eps=eps, decay="linear")
 
     def _solve(
         self, objective: Objective, x: Context, init: Optional[Tensor], callback: Optional[Callback]
     ) -> SolverResult:
         elbo = _elbo_objective(objective, "SVI")
-        beta1, beta2 = self.betas
-        y = self._start(objective, x, init)
-        avg, avg_sq = torch.zeros_like(y), torch.zeros_like(y)
-        if callback is not None:
-            callback(0, y)
         with elbo.override_noise(samples=self.samples, fixed=False):
-            for k in range(self.steps):
-                point = y.detach().requires_grad_()
-                (grad,) = torch.autograd.grad(objective.projected(point, x).sum(), point)
-                avg = torch.lerp(avg, grad, 1.0 - beta1)
-                avg_sq = avg_sq.mul(beta2).addcmul(grad, grad, value=1.0 - beta2)
-                step = self.lr * (1.0 - k / self.steps) / (1.0 - beta1 ** (k + 1))
-                denom = (avg_sq / (1.0 - beta2 ** (k + 1))).sqrt().add(self.eps)
-                y = objective.project(y.addcdiv(avg, denom, value=-step)).detach()
-                if callback is not None:
-                    callback(k + 1, y)
-        with torch.no_grad():
-            value = objective.projected(y, x)
-        iterations = torch.full((y.shape[0],), self.steps, dtype=torch.int64, device=y.device)
-        return SolverResult(y, value, iterations, torch.zeros_like(iterations, dtype=torch.bool))
+            result = self.adam._solve(objective, x, init, callback)
+        with torch.no_grad():  # the value under the objective's own noise, not the last fresh draw
+            result.value = objective.projected(result.y, x)
+        return result
 
 
 class SemiAmortizedVI(SemiAmortized):
