@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import zipfile
+import importlib
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,49 +14,11 @@ from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from datamodules.context import ContextDataModule
 from lightning_amor.callbacks import Preempted, PreemptionCheckpoint
-from lightning_amor.module import AmortizedModule, BadCheckpointError
+from lightning_amor.loading import check_checkpoint_file
+from lightning_amor.module import AmortizedModule
 
 PROGRESS_REFRESH = 20
 """Steps between two redraws of the default progress bar."""
-
-# ckpt_path values that Lightning resolves itself ("last" looks in the ModelCheckpoint directories)
-_RESOLVED_BY_LIGHTNING = ("last", "best", "hpc", "registry")
-
-
-def check_checkpoint_file(path: Any) -> None:
-    """Raise :class:`BadCheckpointError` naming ``path`` unless it is a readable Lightning checkpoint.
-
-    Cheap even for large files: the zip directory is checked first and tensors are memory-mapped, not read.
-    ``None``, remote URLs and the values Lightning resolves itself (``last``, ``best``, ``hpc``) pass unchecked.
-    """
-    if path is None or str(path).split(":")[0] in _RESOLVED_BY_LIGHTNING or "://" in str(path):
-        return
-    file = Path(path)
-    if not file.is_file():
-        where = "is a directory, not a file" if file.is_dir() else "does not exist"
-        raise BadCheckpointError(f"--ckpt_path {path} {where}; pass a .ckpt file, or `last` to resume a run")
-    if not zipfile.is_zipfile(file):
-        with open(file, "rb") as handle:
-            starts_like_torch = handle.read(4) == b"PK\x03\x04"
-        reason = (
-            f"is truncated: it begins like a PyTorch checkpoint but its end is missing ({file.stat().st_size} bytes; "
-            "an interrupted copy or write?)" if starts_like_torch
-            else "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is none)"
-        )
-        raise BadCheckpointError(f"the checkpoint {path} {reason}; use another checkpoint, or start without it")
-    try:
-        content = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - whatever torch cannot read is reported the same way
-        raise BadCheckpointError(f"the checkpoint {path} cannot be read: {type(err).__name__}: {err}") from err
-    missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in content] if isinstance(
-        content, dict) else ["state_dict"]
-    if missing:
-        found = sorted(map(str, content))[:8] if isinstance(content, dict) else type(content).__name__
-        raise BadCheckpointError(
-            f"the checkpoint {path} is a PyTorch file but not a Lightning checkpoint: it lacks {missing} (it holds "
-            f"{found}); pass a file written by ModelCheckpoint or Trainer.save_checkpoint"
-        )
-
 
 class AmortCLI(LightningCLI):
     """LightningCLI with subclass mode for models and data; prints the held-out metrics after ``fit``.
@@ -140,8 +103,21 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+# Subcommands that are not Trainer methods: name -> (module with ``main(argv)``, one-line summary).
+EXTRA_SUBCOMMANDS = {
+    "recipes": ("lightning_amor.commands.recipes", "List the shipped recipes and applications."),
+    "solve": ("lightning_amor.commands.solve", "Amortize-then-refine contexts from a file, with certificates."),
+    "export": ("lightning_amor.commands.export", "Export a trained amortizer to TorchScript and ONNX."),
+}
+
+
 def main(args: Optional[list[str]] = None) -> None:
-    """Entry point of the ``lightning-amor`` console script (fit / validate / test / predict)."""
+    """Entry point of the ``lightning-amor`` console script: LightningCLI's fit / validate / test / predict, and
+    the subcommands in :data:`EXTRA_SUBCOMMANDS`."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_SUBCOMMANDS:
+        importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]][0]).main(argv[1:])
+        return
     try:
         AmortCLI(
             AmortizedModule,

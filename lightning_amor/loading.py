@@ -1,0 +1,111 @@
+"""Loading a trained model (and the data module it was trained with) from a Lightning checkpoint."""
+
+from __future__ import annotations
+
+import importlib
+import zipfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from lightning_amor.module import AmortizedModule, BadCheckpointError
+
+# ckpt_path values that Lightning resolves itself ("last" looks in the ModelCheckpoint directories)
+_RESOLVED_BY_LIGHTNING = ("last", "best", "hpc", "registry")
+
+
+def check_checkpoint_file(path: Any) -> None:
+    """Raise :class:`BadCheckpointError` naming ``path`` unless it is a readable Lightning checkpoint.
+
+    Cheap even for large files: the zip directory is checked first and tensors are memory-mapped, not read.
+    ``None``, remote URLs and the values Lightning resolves itself (``last``, ``best``, ``hpc``) pass unchecked.
+    """
+    if path is None or str(path).split(":")[0] in _RESOLVED_BY_LIGHTNING or "://" in str(path):
+        return
+    file = Path(path)
+    if not file.is_file():
+        where = "is a directory, not a file" if file.is_dir() else "does not exist"
+        raise BadCheckpointError(f"--ckpt_path {path} {where}; pass a .ckpt file, or `last` to resume a run")
+    if not zipfile.is_zipfile(file):
+        with open(file, "rb") as handle:
+            starts_like_torch = handle.read(4) == b"PK\x03\x04"
+        reason = (
+            f"is truncated: it begins like a PyTorch checkpoint but its end is missing ({file.stat().st_size} bytes; "
+            "an interrupted copy or write?)" if starts_like_torch
+            else "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is none)"
+        )
+        raise BadCheckpointError(f"the checkpoint {path} {reason}; use another checkpoint, or start without it")
+    try:
+        content = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever torch cannot read is reported the same way
+        raise BadCheckpointError(f"the checkpoint {path} cannot be read: {type(err).__name__}: {err}") from err
+    missing = [key for key in ("state_dict", "pytorch-lightning_version") if key not in content] if isinstance(
+        content, dict) else ["state_dict"]
+    if missing:
+        found = sorted(map(str, content))[:8] if isinstance(content, dict) else type(content).__name__
+        raise BadCheckpointError(
+            f"the checkpoint {path} is a PyTorch file but not a Lightning checkpoint: it lacks {missing} (it holds "
+            f"{found}); pass a file written by ModelCheckpoint or Trainer.save_checkpoint"
+        )
+
+
+
+def _resolve(class_path: str, base: type, what: str, path: Any) -> type:
+    """Import ``package.module.Class`` and check that it is a subclass of ``base``."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise BadCheckpointError(
+            f"the checkpoint {path} names the {what} class {class_path!r}, which cannot be imported ({err}); "
+            "install the package that defines it, or run from the folder that holds it"
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise BadCheckpointError(f"the checkpoint {path} names {class_path!r} as its {what}, not a {base.__name__}")
+    return cls
+
+
+def _read(path: Union[str, Path]) -> dict[str, Any]:
+    check_checkpoint_file(path)
+    # Lightning's own checkpoints hold plain config (class paths and numbers) next to the tensors.
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
+def load_module(path: Union[str, Path], map_location: Any = "cpu") -> AmortizedModule:
+    """The trained model stored in the checkpoint ``path``, in eval mode.
+
+    The checkpoint must come from ``lightning-amor fit`` (the recipe is stored in it) or from a model whose
+    hyperparameters are all plain values. The classes the recipe names are imported: load only checkpoints you
+    trust, as with any pickle.
+
+    Raises:
+        BadCheckpointError: the file is missing, truncated or not a Lightning checkpoint, or its model class
+            cannot be imported.
+    """
+    checkpoint = _read(path)
+    hparams = checkpoint.get("hyper_parameters") or {}
+    class_path = hparams.get("_class_path")
+    cls = _resolve(class_path, AmortizedModule, "model", path) if class_path else AmortizedModule
+    if "objective" not in hparams or "amortizer" not in hparams:
+        raise BadCheckpointError(
+            f"the checkpoint {path} does not store the recipe of its model (it was not written by "
+            "`lightning-amor fit`); rebuild the model in Python and load it with "
+            f"{cls.__name__}.load_from_checkpoint(path, objective=..., amortizer=...)"
+        )
+    module = cls.load_from_checkpoint(path, map_location=map_location)
+    return module.eval()
+
+
+def load_datamodule(path: Union[str, Path]) -> Optional[Any]:
+    """The data module the checkpoint ``path`` was trained with (built from its stored settings), or ``None``
+    when the checkpoint does not record one."""
+    checkpoint = _read(path)
+    hparams = checkpoint.get("datamodule_hyper_parameters")
+    if not hparams or "_class_path" not in hparams:
+        return None
+    from datamodules.context import ContextDataModule
+
+    cls = _resolve(hparams["_class_path"], ContextDataModule, "data module", path)
+    settings = {key: value for key, value in hparams.items() if not key.startswith("_")}
+    return cls(**settings)
