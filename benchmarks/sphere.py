@@ -28,8 +28,6 @@ import datetime
 import logging
 import math
 import os
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -40,11 +38,13 @@ from typing import Callable, Optional
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: `datamodules` lives at the repository root
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import cpu_name, write_section  # noqa: E402
 from datamodules.context import ContextDataModule  # noqa: E402
 from lightning_amor.apps.sphere import SphereObjective  # noqa: E402
 from lightning_amor.cli import AmortCLI  # noqa: E402
@@ -213,7 +213,7 @@ def interleaved_times_ms(fns: dict[str, Callable[[], object]], rounds: int, per_
         for _ in range(warmup[key]):
             fn()
     samples: dict[str, list[float]] = {key: [] for key in fns}
-    for _ in range(rounds):
+    for _ in tqdm(range(rounds), desc="timing rounds", unit="round"):
         for key, fn in fns.items():
             for _ in range(per_round[key]):
                 start = time.perf_counter()
@@ -242,16 +242,6 @@ def inference(module: AmortizedModule, x: torch.Tensor) -> Callable[[], object]:
             return module(x)
 
     return predict
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def fmt_seconds(value: Optional[float]) -> str:
@@ -297,17 +287,6 @@ def render(rows: list[dict], solver_ms: float, batch: int, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the Sphere section of a markdown file (or append it), keeping every other section."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -325,7 +304,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     test_x: Optional[torch.Tensor] = None
     rows = []
     trained = []
-    for name in args.recipes:
+    for name in tqdm(args.recipes, desc="recipes", unit="recipe"):
         cli = build(name, args, cache_dir)
         labels_s = prepare_references(cli, label_times)
         x = cli.datamodule.fixed_set("test", cli.datamodule.test_size, with_targets=False)["x"]
@@ -382,7 +361,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     print()
     print(section)
     if args.output:
-        write_section(Path(args.output), section)
+        write_section(Path(args.output), SECTION, section)
         print(f"written to {args.output}")
     if temp is not None:
         temp.cleanup()

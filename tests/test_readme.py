@@ -27,10 +27,11 @@ def test_readme_new_problem_trains(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "my_module", module)
 
     objective = module.ShiftedQuadratic()
-    x = torch.randn(5, 4)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
     y_star = objective.solve(x)
     grad = torch.func.grad(lambda y: objective(y, x).sum())(y_star)
-    assert grad.abs().max() < 1e-4, "the README's oracle must return stationary points"
+    # float32 L-BFGS stops with gradients of about 1e-4 here; a wrong oracle would leave them of order 1
+    assert grad.abs().max() < 1e-3, "the README's oracle must return stationary points"
 
     (recipe,) = _blocks("yaml")
     config = yaml.safe_load(recipe)
