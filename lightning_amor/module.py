@@ -10,8 +10,17 @@ import torch
 from pytorch_lightning import LightningModule
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
+from torchmetrics.aggregation import CatMetric
 
 from lightning_amor.amortizers import AmortizedOutput, Amortizer
+from lightning_amor.inference import (
+    CALIBRATION_KEY,
+    Calibration,
+    Fallback,
+    context_features,
+    context_features_fit,
+    prediction_residuals,
+)
 from lightning_amor.losses import AmortizationLoss, ObjectiveLoss
 from lightning_amor.metrics import AmortizationMetrics
 from lightning_amor.objective import Context, Objective, context_batch_size
@@ -85,6 +94,11 @@ class AmortizedModule(LightningModule):
         refine: a solver run from each prediction during validation and test when the batch has no
             reference solutions (objectives with learnable parameters): the gap and distance are then
             measured against the refined solution, i.e. the amortization gap.
+        inference: the amortize-then-refine policy of :mod:`lightning_amor.inference` (tolerance, solver,
+            out-of-distribution threshold) used by ``lightning-amor solve``; default ``Fallback()``. Every
+            validation also calibrates it: the residuals of the predictions on the validation set (and the
+            statistics of its contexts) are kept as
+            ``calibration`` (a :class:`~lightning_amor.inference.Calibration`) and saved with checkpoints.
 
     Logged: ``train/loss``, ``train/objective``; on the validation and test sets
     ``{val,test}/objective`` (mean f(ŷ)), ``/gap`` (mean f(ŷ) − f(y*)), ``/distance`` (mean d(ŷ, y*)),
@@ -100,6 +114,7 @@ class AmortizedModule(LightningModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         nonfinite: str = "raise",
         refine: Optional[Solver] = None,
+        inference: Optional[Fallback] = None,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
@@ -112,7 +127,9 @@ class AmortizedModule(LightningModule):
         else:
             # Objects built in Python would be pickled into the checkpoint, which torch's safe loader refuses:
             # pass them again to load_from_checkpoint(path, objective=..., amortizer=..., ...).
-            self.save_hyperparameters(ignore=["objective", "amortizer", "loss", "optimizer", "lr_scheduler"])
+            self.save_hyperparameters(
+                ignore=["objective", "amortizer", "loss", "optimizer", "lr_scheduler", "inference"]
+            )
         self.objective = objective
         self.amortizer = amortizer
         self.loss = loss if loss is not None else ObjectiveLoss()
@@ -120,6 +137,10 @@ class AmortizedModule(LightningModule):
         self.lr_scheduler = lr_scheduler
         self.nonfinite = nonfinite
         self.refine = refine
+        self.inference = inference if inference is not None else Fallback()
+        self.calibration: Optional[Calibration] = None
+        self.val_residuals = CatMetric(nan_strategy="disable")  # this validation's prediction residuals
+        self.val_contexts = CatMetric(nan_strategy="disable")  # and its contexts' features (if small enough)
         self.val_metrics = AmortizationMetrics()
         self.test_metrics = AmortizationMetrics()
         self.skipped_steps = 0
@@ -215,6 +236,10 @@ class AmortizedModule(LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
+        x = unpack_batch(batch)[0]
+        self.val_residuals.update(prediction_residuals(self, x))
+        if context_features_fit(x):
+            self.val_contexts.update(context_features(x))
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics)
@@ -230,6 +255,13 @@ class AmortizedModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val", self.val_metrics)
+        if self.val_residuals.update_count > 0:
+            residuals = self.val_residuals.compute()  # every rank's, under DDP
+            features = self.val_contexts.compute() if self.val_contexts.update_count > 0 else None
+            if not self.trainer.sanity_checking and bool(torch.isfinite(residuals).any()):
+                self.calibration = Calibration.from_residuals(residuals, step=self.global_step, features=features)
+        self.val_residuals.reset()
+        self.val_contexts.reset()
 
     def on_test_epoch_end(self) -> None:
         self._log_metrics("test", self.test_metrics)
@@ -275,6 +307,11 @@ class AmortizedModule(LightningModule):
         scheduler = self.lr_scheduler(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the calibration of the latest validation (read back by :meth:`on_load_checkpoint`)."""
+        if self.calibration is not None:
+            checkpoint[CALIBRATION_KEY] = self.calibration.to_dict()
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before the weights are loaded: a checkpoint of another model is an error naming the file and every
         parameter whose name or shape differs (Lightning calls this before ``load_state_dict``). Names are compared
@@ -290,3 +327,5 @@ class AmortizedModule(LightningModule):
                 + "\n".join(shown)
                 + "\nUse the recipe and overrides the checkpoint was trained with, or start without --ckpt_path."
             )
+        saved = checkpoint.get(CALIBRATION_KEY)  # absent from checkpoints of older versions
+        self.calibration = Calibration.from_dict(saved, checkpoint.get("global_step")) if saved else None

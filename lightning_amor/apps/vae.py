@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from lightning_amor.amortizers import AmortizedOutput, Amortizer, SemiAmortized
+from lightning_amor.inference import Fallback
 from lightning_amor.losses import AmortizationLoss
 from lightning_amor.metrics import AmortizationMetrics
 from lightning_amor.module import AmortizedModule, unpack_batch
@@ -373,8 +374,8 @@ class VAEModule(AmortizedModule):
         objective: the −ELBO, with the decoder inside.
         amortizer: the encoder (``FullyAmortized``) or SA-VAE (:class:`SemiAmortizedVI`).
         num_images: images shown in TensorBoard (0: none).
-        loss, optimizer, lr_scheduler, nonfinite, refine: as :class:`~lightning_amor.AmortizedModule`;
-            ``refine`` is typically :class:`SVI`.
+        loss, optimizer, lr_scheduler, nonfinite, refine, inference: as :class:`~lightning_amor.AmortizedModule`;
+            ``refine`` (and the ``inference`` policy's solver) is typically :class:`SVI`.
     """
 
     def __init__(
@@ -387,10 +388,11 @@ class VAEModule(AmortizedModule):
         nonfinite: str = "raise",
         refine: Optional[Solver] = None,
         num_images: int = 16,
+        inference: Optional[Fallback] = None,
     ) -> None:
         if not isinstance(objective, ELBOObjective):
             raise TypeError(f"VAEModule needs an ELBOObjective, got {type(objective).__name__}")
-        super().__init__(objective, amortizer, loss, optimizer, lr_scheduler, nonfinite, refine)
+        super().__init__(objective, amortizer, loss, optimizer, lr_scheduler, nonfinite, refine, inference)
         self.num_images = num_images
         names = ("elbo", "kl", "reconstruction", "elbo_refined")
         self.val_parts = nn.ModuleDict({n: MeanMetric() for n in names})
