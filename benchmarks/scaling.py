@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import TQDMProgressBar
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -150,7 +151,7 @@ def main() -> None:
     initial = copy.deepcopy(module.state_dict())
 
     plain, lean, full = [], [], []
-    for _ in range(args.repeats):
+    for _ in tqdm(range(args.repeats), desc="repeats (plain, lean, full loops)", unit="repeat"):
         module.load_state_dict(initial)
         plain.append(plain_step_ms(module, data, args.steps, args.warmup))
         module.load_state_dict(initial)

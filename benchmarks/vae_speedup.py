@@ -35,6 +35,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 SNAPSHOTS = (0, 250, 500, 1000, 2000)
 QUALITY = (
@@ -107,6 +108,7 @@ def run_adam(
     objective, x: Tensor, iterations: int, lr: float, seed: int,
     score: Optional[Callable[[Tensor], Tensor]] = None, record_every: int = 1,
     stop_at: Optional[float] = None, min_iterations: int = 0, snapshots: tuple[int, ...] = (),
+    progress: Optional[str] = None,
 ) -> tuple[Tensor, Curve, dict[int, Tensor], Optional[int], float]:
     """Adam from λ = 0 on the batch-mean −ELBO with fresh noise (the global generator seeded with ``seed``).
 
@@ -114,7 +116,7 @@ def run_adam(
     clock), and the run stops at the first recorded iterate whose mean ELBO reaches ``stop_at``, once
     ``min_iterations`` have run. Returns the last iterate, the curve, the snapshots (the iterate that reached
     ``stop_at`` under the key -1), the iteration where ``stop_at`` was reached (or ``None``) and Adam's own
-    seconds.
+    seconds. With ``progress``, a progress bar of that name counts the iterations (outside the clock).
     """
     device = x.device
     torch.manual_seed(seed)
@@ -139,7 +141,8 @@ def run_adam(
             saved[-1] = y.detach().clone()  # the iterate of same quality, to check the clean runs against
         return reached is not None and k >= min_iterations
 
-    with objective.override_noise(samples=1, fixed=False):
+    bar = tqdm(total=iterations, desc=progress, unit="it", disable=progress is None)
+    with bar, objective.override_noise(samples=1, fixed=False):
         done = record(0)
         k = 0
         while not done and k < iterations:
@@ -151,6 +154,7 @@ def run_adam(
             synchronize(device)
             elapsed += time.perf_counter() - start
             k += 1
+            bar.update()
             done = record(k)
     return y.detach(), curve, saved, reached, elapsed
 
@@ -270,14 +274,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # 2. Adam from zero, scored on the fixed noise: the curve and the iteration of same quality
     y_adam, curve, snapshots, reached, _ = run_adam(
         objective, x, args.max_iterations, args.lr, args.seed, score=score, record_every=args.record_every,
-        stop_at=encoder_mean, min_iterations=args.iterations, snapshots=SNAPSHOTS,
+        stop_at=encoder_mean, min_iterations=args.iterations, snapshots=SNAPSHOTS, progress="Adam from λ = 0",
     )
     adam_final_mean = curve.elbo_mean[-1]
 
     # 3. clean timing of Adam up to same quality (or of every iteration run, when it never got there)
     target = reached if reached is not None else curve.iterations[-1]
     adam_times = []
-    for _ in range(args.adam_repeats):
+    for _ in tqdm(range(args.adam_repeats), desc=f"timed Adam runs ({target} iterations)", unit="run"):
         y_timed, _, _, _, seconds = run_adam(objective, x, target, args.lr, args.seed)
         adam_times.append(seconds)
     adam_s = statistics.median(adam_times)

@@ -15,13 +15,16 @@ from pytorch_lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
 
 from lightning_amor.objective import Context, Objective, context_batch_size, context_index
 
 _STREAMS = {"train": 0, "val": 1, "test": 2, "pool": 3, "predict": 4}
 # Settings that do not change a fixed set's contexts (its own size enters the key separately).
 _NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "batches_per_epoch", "train_size",
-               "val_size", "test_size")
+               "val_size", "test_size", "progress_bar")
+PROGRESS_DELAY_S = 2.0
+"""Seconds before the progress bar of solving reference solutions appears (short solves print nothing)."""
 
 
 def default_cache_dir() -> Path:
@@ -58,6 +61,7 @@ class BatchIndexSampler(DistributedSampler):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose batches to yield when no ``consumed`` count is given (called by Lightning)."""
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
@@ -129,6 +133,8 @@ class ContextDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         cache_dir: where reference solutions are cached (default :func:`default_cache_dir`);
             ``"none"`` disables the cache.
+        progress_bar: show a progress bar (on rank 0, after :data:`PROGRESS_DELAY_S` seconds) while the oracle
+            solves reference solutions.
     """
 
     def __init__(
@@ -142,6 +148,7 @@ class ContextDataModule(LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
+        progress_bar: bool = True,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
@@ -165,6 +172,7 @@ class ContextDataModule(LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.cache_dir = cache_dir
+        self.progress_bar = progress_bar
         self._objective: Optional[Objective] = None
         self._needs_target: Optional[bool] = None
         self._sets: dict[str, dict[str, Context]] = {}
@@ -189,6 +197,7 @@ class ContextDataModule(LightningDataModule):
 
     @property
     def objective(self) -> Objective:
+        """The objective whose oracle solves the reference solutions: the attached one, else the trainer's module's."""
         if self._objective is None:
             module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
             if module is None or not hasattr(module, "objective"):
@@ -201,6 +210,7 @@ class ContextDataModule(LightningDataModule):
 
     @property
     def needs_target(self) -> bool:
+        """Whether training batches must carry reference solutions (the module's loss is a regression)."""
         if self._needs_target is not None:
             return self._needs_target
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
@@ -228,12 +238,18 @@ class ContextDataModule(LightningDataModule):
         root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         return root / f"{type(self).__name__.lower()}-{key}.pt"
 
-    def solve_references(self, x: Context) -> Tensor:
-        """Reference solutions ``N x n`` of the objective's oracle, solved in chunks of ``eval_batch_size``."""
+    def solve_references(self, x: Context, description: str = "reference solutions") -> Tensor:
+        """Reference solutions ``N x n`` of the objective's oracle, solved in chunks of ``eval_batch_size`` (with a
+        progress bar over the chunks, see ``progress_bar``)."""
         chunks = []
-        for start in range(0, context_batch_size(x), self.eval_batch_size):
-            part = context_index(x, slice(start, start + self.eval_batch_size))
-            chunks.append(self.objective.solve(part).detach().cpu())
+        total = context_batch_size(x)
+        starts = range(0, total, self.eval_batch_size)
+        quiet = not self.progress_bar or self._rank_world()[0] != 0 or len(starts) < 2
+        with tqdm(total=total, desc=description, unit="contexts", delay=PROGRESS_DELAY_S, disable=quiet) as bar:
+            for start in starts:
+                part = context_index(x, slice(start, start + self.eval_batch_size))
+                chunks.append(self.objective.solve(part).detach().cpu())
+                bar.update(context_batch_size(part))
         return torch.cat(chunks)
 
     def fixed_set(self, split: str, size: int, with_targets: bool = True) -> dict[str, Context]:
@@ -254,7 +270,7 @@ class ContextDataModule(LightningDataModule):
                     f"the cached reference solutions {path} cannot be read ({err!r}); delete the file to solve again"
                 ) from err
             return {"x": x, "y_star": y_star}
-        y_star = self.solve_references(x)
+        y_star = self.solve_references(x, f"{type(self).__name__}: solving the {split} references")
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -284,6 +300,11 @@ class ContextDataModule(LightningDataModule):
                 self.fixed_set(split, size)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        """Build the fixed sets of ``stage`` (the training pool, validation, test), loading or solving their references.
+
+        Raises:
+            ValueError: the loss needs reference solutions but there is no fixed pool (``train_size`` unset).
+        """
         if self.needs_target and self.train_size is None and stage in (None, "fit"):
             raise ValueError(
                 f"{type(self).__name__}: the loss needs reference solutions, which are solved once for a fixed pool: "
@@ -300,6 +321,7 @@ class ContextDataModule(LightningDataModule):
         return clone
 
     def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
+        """Move a batch to ``device`` (nothing to do on the CPU, where contexts are drawn)."""
         # Contexts are drawn on the CPU: on a CPU run there is nothing to move, so skip walking the batch.
         if device.type == "cpu":
             return batch
@@ -323,6 +345,7 @@ class ContextDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Batches of ``batch_size`` training contexts (with ``y_star`` from the pool when the loss needs them)."""
         _, world = self._rank_world()
         if self.train_size is None:
             dataset = _FreshBatches(self._sampling_copy(), self.batch_size, self.seed)
@@ -351,10 +374,13 @@ class ContextDataModule(LightningDataModule):
         return self._loader(dataset, dataset.per_epoch, False, sharded=False)
 
     def val_dataloader(self) -> DataLoader:
+        """The fixed validation set in batches of ``eval_batch_size``, with reference solutions when they are fixed."""
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        """The fixed test set in batches of ``eval_batch_size``, with reference solutions when they are fixed."""
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
+        """The contexts of the fixed test set, in batches of ``eval_batch_size``."""
         return self._eval_loader("test")
