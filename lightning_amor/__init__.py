@@ -1,6 +1,16 @@
 """lightning-amor: amortized optimization with PyTorch Lightning."""
 
 from lightning_amor.amortizers import AmortizedOutput, Amortizer, FullyAmortized, SemiAmortized
+from lightning_amor.export import (
+    ExportedAmortizer,
+    ExportError,
+    ExportMismatchError,
+    check_export,
+    export_onnx,
+    export_torchscript,
+)
+from lightning_amor.figures import AmortizationFigures, curve_figure
+from lightning_amor.inference import Calibration, Fallback, InferenceResult
 from lightning_amor.losses import AmortizationLoss, IterateSumLoss, ObjectiveLoss, RegressionLoss
 from lightning_amor.metrics import AmortizationMetrics
 from lightning_amor.module import AmortizedModule, BadCheckpointError, NonFiniteLossError
@@ -12,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamStep",
+    "AmortizationFigures",
     "AmortizationLoss",
     "AmortizationMetrics",
     "AmortizedModule",
@@ -19,8 +30,13 @@ __all__ = [
     "Amortizer",
     "BadCheckpointError",
     "Context",
+    "ExportError",
+    "ExportMismatchError",
+    "ExportedAmortizer",
+    "Fallback",
     "FullyAmortized",
     "GradientStep",
+    "InferenceResult",
     "InnerUpdate",
     "IterateSumLoss",
     "LearnedConstant",
@@ -31,5 +47,10 @@ __all__ = [
     "ObjectiveLoss",
     "ObjectiveShapeError",
     "RegressionLoss",
+    "Calibration",
     "SemiAmortized",
+    "check_export",
+    "curve_figure",
+    "export_onnx",
+    "export_torchscript",
 ]
