@@ -38,7 +38,12 @@ class Amortizer(nn.Module):
 
 
 class FullyAmortized(Amortizer):
-    """ŷ_θ(x) = π(net(x)): a network that never queries the objective."""
+    """ŷ_θ(x) = π(net(x)): a network that never queries the objective.
+
+    Args:
+        net: a module mapping contexts (batch ``B``) to ``B x n`` raw solutions, projected onto the objective's
+            domain by ``objective.project`` (e.g. an :class:`~lightning_amor.nets.MLP` with ``out_features = n``).
+    """
 
     def __init__(self, net: nn.Module) -> None:
         super().__init__()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -44,6 +45,23 @@ class AmortCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+
+    def setup_parser(
+        self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
+    ) -> None:
+        """LightningCLI's parser, with the :data:`EXTRA_SUBCOMMANDS` listed in the top-level ``--help`` and usage
+        (:func:`main` runs them before this parser is built, so they only appear here)."""
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        subcommands = getattr(self.parser, "_subcommands_action", None)
+        if not add_subcommands or subcommands is None:
+            return
+        # Lightning's one-liners for its subcommands stop mid-sentence; say what each does here.
+        for listed in getattr(subcommands, "_choices_actions", []):
+            listed.help = TRAINER_SUBCOMMANDS.get(listed.dest, listed.help)
+        for name, (_, summary) in EXTRA_SUBCOMMANDS.items():
+            subcommands.add_subcommand(
+                name, self.parser_class(prog=f"lightning-amor {name}", description=summary), help=summary
+            )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         super().parse_arguments(parser, args)
@@ -103,6 +121,20 @@ def _close_process_group() -> None:
         torch.distributed.destroy_process_group()
 
 
+DESCRIPTION = (
+    "lightning-amor: train amortized optimization models (y*(x) = argmin_y f(y; x)) with PyTorch Lightning. "
+    "Train with `lightning-amor fit --config RECIPE`; `lightning-amor recipes` lists the shipped recipes."
+)
+"""The top-level ``--help`` text."""
+
+TRAINER_SUBCOMMANDS = {
+    "fit": "Train a model from a recipe: checkpoints, TensorBoard logs, held-out metrics at the end.",
+    "validate": "Evaluate a model (e.g. --ckpt_path FILE) on the fixed, seeded validation set.",
+    "test": "Evaluate a model (e.g. --ckpt_path FILE) on the fixed, seeded test set.",
+    "predict": "Predict solutions for the test set's contexts.",
+}
+"""One-line summaries of LightningCLI's subcommands for the top-level ``--help``."""
+
 # Subcommands that are not Trainer methods: name -> (module with ``main(argv)``, one-line summary).
 EXTRA_SUBCOMMANDS = {
     "recipes": ("lightning_amor.commands.recipes", "List the shipped recipes and applications."),
@@ -115,6 +147,10 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lightning-amor`` console script: LightningCLI's fit / validate / test / predict, and
     the subcommands in :data:`EXTRA_SUBCOMMANDS`."""
     argv = sys.argv[1:] if args is None else list(args)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        # As `python -m` does: recipes may name classes of the user's own modules in the current folder. Appended,
+        # so that a local file never shadows an installed package.
+        sys.path.append(os.getcwd())
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]][0]).main(argv[1:])
         return
@@ -126,6 +162,7 @@ def main(args: Optional[list[str]] = None) -> None:
             subclass_mode_data=True,
             args=args,
             auto_configure_optimizers=False,
+            parser_kwargs={"description": DESCRIPTION},
             # A rerun into the same folder (e.g. without a versioned logger) must not abort: the recipe is also
             # stored in every checkpoint.
             save_config_kwargs={"overwrite": True},

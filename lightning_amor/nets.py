@@ -66,7 +66,12 @@ class MLP(nn.Module):
 
 
 class LearnedConstant(nn.Module):
-    """An initial iterate that ignores the context: a learned ``n`` vector broadcast to ``B x n`` (as MAML)."""
+    """An initial iterate that ignores the context: a learned ``n`` vector broadcast to ``B x n`` (as MAML).
+
+    Args:
+        dim: n, the dimension of a solution.
+        init_scale: the standard deviation of the vector's random initialisation (0: start at zero).
+    """
 
     def __init__(self, dim: int, init_scale: float = 0.0) -> None:
         super().__init__()

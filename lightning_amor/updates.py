@@ -30,7 +30,12 @@ class InnerUpdate(nn.Module):
 
 
 class GradientStep(InnerUpdate):
-    """Gradient descent y - α∇f with a step size α, learnable by default (kept positive by a softplus)."""
+    """Gradient descent y - α∇f with a step size α, learnable by default (kept positive by a softplus).
+
+    Args:
+        lr: the initial step size α (> 0).
+        learnable: train α along with the amortizer (``false``: keep it fixed).
+    """
 
     def __init__(self, lr: float = 0.1, learnable: bool = True) -> None:
         super().__init__()
@@ -53,7 +58,14 @@ class GradientStep(InnerUpdate):
 
 
 class AdamStep(InnerUpdate):
-    """An Adam step (bias-corrected moments per coordinate) with a learnable step size."""
+    """An Adam step (bias-corrected moments per coordinate) with a learnable step size.
+
+    Args:
+        lr: the initial step size α (> 0).
+        betas: the decay rates of the first and second moment estimates.
+        eps: added to the root of the second moment, for numerical stability.
+        learnable: train α along with the amortizer (``false``: keep it fixed).
+    """
 
     def __init__(self, lr: float = 0.05, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  learnable: bool = True) -> None:
@@ -87,6 +99,13 @@ class LearnedUpdate(InnerUpdate):
     The network outputs a per-coordinate step size: ``y_{t+1} = y_t - (α + scale · net(features)) ∇f``,
     so a stationary point of f stays a fixed point of the rule. The output layer starts at zero, so an
     untrained rule is plain gradient descent, which keeps early training stable.
+
+    Args:
+        kind: the network over each coordinate's features: ``mlp`` (stateless) or ``gru`` (a hidden state per
+            coordinate, carried across the steps).
+        hidden: the width of the network's hidden layer (or state).
+        lr: the initial base step size α (learnable).
+        scale: the factor of the network's output added to α.
     """
 
     def __init__(self, kind: str = "mlp", hidden: int = 32, lr: float = 0.1, scale: float = 0.1) -> None:
