@@ -1,7 +1,7 @@
 """Inference benchmark: eager PyTorch vs TorchScript vs ONNX Runtime vs the classical solver, in one process.
 
 For each checkpoint, the model is exported with :mod:`lightning_amor.export` (a dynamic batch; a fixed batch per
-batch size where the prediction draws seeded noise that depends on it, as SA-VAE), every exported file is checked
+batch size where the prediction draws seeded noise whose shape depends on it), every exported file is checked
 against the eager model on the checkpoint's held-out test contexts (max |exported − eager| ≤ 1e-5), and the median
 wall time of one prediction per batch (batch 1 and 1024 by default) is measured for
 
@@ -262,8 +262,8 @@ def render(rows: list[dict], meta: dict) -> str:
         "writes (`lightning_amor.export`), each run against eager on the same B held-out contexts (the max "
         f"abs difference shown, in bold where above the check's tolerance {meta['atol']:g}); solver = the classical "
         "solver from scratch (the sphere's oracle: Fibonacci grid + multi-start "
-        "L-BFGS; the VAEs: SVI from λ = 0). Batch axis: dynamic (one file for every B) or fixed (SA-VAE: one file "
-        "per B, its seeded eval noise depends on B).",
+        "L-BFGS; the VAEs: SVI from λ = 0). Batch axis: dynamic (one file for every B) or fixed (one file per B, "
+        "for a prediction whose seeded noise depends on B).",
         "",
         "| checkpoint | model | batch axis | B | eager | TorchScript | ONNX Runtime | solver | max err TS / ONNX |",
         "|---|---|---|--:|--:|--:|--:|--:|--:|",

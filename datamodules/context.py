@@ -342,6 +342,10 @@ class ContextDataModule(LightningDataModule):
             sampler=BatchIndexSampler(total, rank, world, repeat_epochs, consumed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            # The loader's own generator seeds its iterators (and workers), so iterating a loader — a validation,
+            # say — does not draw from the global generator that training's random numbers come from. The batches
+            # themselves are seeded by their index.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:

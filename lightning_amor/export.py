@@ -10,8 +10,9 @@ graph. The graph is then compiled by ``torch.jit.script`` (TorchScript) or expor
 ``torch.onnx.export(dynamo=True)`` with a dynamic batch axis (ONNX).
 
 Random numbers drawn at inference cannot be reproduced by an exported graph in general. Draws from an explicitly
-seeded ``torch.Generator`` (e.g. SA-VAE's seeded inner noise in evaluation) are frozen as constants, which is exact
-but fixes the batch size (``dynamic_batch=False``); draws from the global generator are refused.
+seeded ``torch.Generator`` (e.g. SA-VAE's seeded inner noise in evaluation, one draw shared by the batch) are frozen
+as constants, which is exact; where their shape depends on the batch size they fix it (``dynamic_batch=False``).
+Draws from the global generator are refused.
 """
 
 from __future__ import annotations
@@ -74,17 +75,19 @@ class _FreezeSeededDraws(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func in _RANDOM_FUNCTIONS and kwargs.get("generator") is not None:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
             from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
             symbolic = any(isinstance(a, torch.SymInt) for a in torch.utils._pytree.tree_leaves((args, kwargs)))
             if symbolic:
                 raise ExportError(
                     f"the model draws seeded random numbers ({func.__name__} with a torch.Generator) whose values "
-                    "depend on the batch size (e.g. SA-VAE's inner noise in evaluation), which a graph with a dynamic "
+                    "depend on the batch size (e.g. noise drawn per batch element), which a graph with a dynamic "
                     "batch cannot reproduce; export it with a fixed batch size (dynamic_batch=False, or "
                     "`lightning-amor export --static-batch` with --batch-size the batch it will serve)"
                 )
-            with disable_proxy_modes_tracing():
+            # a real tensor (not a symbolic tracer's fake one), recorded in the graph as a constant
+            with disable_proxy_modes_tracing(), unset_fake_temporarily():
                 return func(*args, **kwargs)
         return func(*args, **kwargs)
 

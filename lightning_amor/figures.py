@@ -178,7 +178,8 @@ class ValidationFigureCallback(Callback):
     """Base of the figure callbacks: keeps the first validation batch's first ``num_contexts`` contexts (all of
     them when the batch is smaller; with their y* when the batch has them) and calls :meth:`draw` at the end of
     every ``every_n_validations``-th validation (sanity checks excluded) on rank 0 when the trainer has a
-    TensorBoard logger. Subclasses implement :meth:`draw`.
+    TensorBoard logger. Subclasses implement :meth:`draw`. The random generators' states are restored after
+    drawing, so a run trains the same with or without figures.
 
     Args:
         every_n_validations: draw at the 1st, (N+1)-th, (2N+1)-th, ... validation.
@@ -236,7 +237,10 @@ class ValidationFigureCallback(Callback):
         experiment = tensorboard_experiment(trainer)
         if not due or batch is None or experiment is None:
             return
-        with torch.no_grad():
+        # Drawing must not change training: whatever random numbers the figures draw (a solver's fresh noise, say)
+        # come from a copy of the generators' state, which is put back afterwards.
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
             self.draw(experiment, trainer, pl_module, *batch)
 
     def draw(

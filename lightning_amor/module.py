@@ -234,6 +234,20 @@ class AmortizedModule(LightningModule):
         distance = self.objective.distance(y, y_star) if y_star is not None else None
         metrics.update(f_pred, f_star, distance, self.objective.violation(y, x), elapsed_ms)
 
+    def on_validation_start(self) -> None:
+        """Keep the random generators' states: validation (a refining solver's fresh noise, say) must not change
+        the random numbers training draws next, so a run trains the same however often it validates."""
+        cuda = self.device.type == "cuda"
+        self._rng_states = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if cuda else None)
+
+    def on_validation_end(self) -> None:
+        """Put back the random generators' states kept by :meth:`on_validation_start`."""
+        states, self._rng_states = getattr(self, "_rng_states", None), None
+        if states is not None:
+            torch.set_rng_state(states[0])
+            if states[1] is not None:
+                torch.cuda.set_rng_state(states[1], self.device)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
         x = unpack_batch(batch)[0]

@@ -139,6 +139,29 @@ def test_vae_fit_logs_reconstructions_by_iteration(tmp_path):
     assert not torch.allclose(columns[6][1], prior), "SVI's iterates should move away from the prior"
 
 
+def test_drawing_figures_does_not_change_training(tmp_path):
+    """The figures draw random numbers (SVI's fresh noise): a run with them must train exactly as one without."""
+
+    def fit(with_figures: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        objective = ELBOObjective(MLP(4, 64, hidden=[16]), latent_dim=4, eval_samples=2)
+        model = VAEModule(objective, FullyAmortized(MLP(64, 8, hidden=[16])), num_images=0)
+        data = DigitsImages(batch_size=32, batches_per_epoch=6, val_size=16, test_size=16, eval_batch_size=16)
+        figures = [AmortizationFigures(num_contexts=8, solver=SVI(steps=5, lr=0.05)),
+                   VAEReconstructions(num_contexts=2, solver=SVI(steps=4, lr=0.05), iterations=[0, 4])]
+        logger = TensorBoardLogger(str(tmp_path / f"figures_{with_figures}"), name="tb")
+        trainer = make_trainer(tmp_path, max_steps=6, val_check_interval=2, logger=logger,
+                               callbacks=figures if with_figures else [])
+        trainer.fit(model, datamodule=data)
+        if with_figures:
+            assert "figures/vae_reconstructions" in read_events(logger.log_dir).Tags()["images"]
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain, drawn = fit(False), fit(True)
+    for name, value in plain.items():
+        torch.testing.assert_close(drawn[name], value, rtol=0, atol=0, msg=f"{name} differs")
+
+
 def test_vae_helpers():
     assert default_iterations(2000) == [0, 250, 500, 1000, 2000]
     assert default_iterations(0) == [0]

@@ -271,6 +271,22 @@ def test_savae_in_evaluation_uses_its_own_noise_stream():
     assert scored < truth - 0.5, (scored, truth)
 
 
+def test_an_images_savae_answer_does_not_depend_on_its_batch():
+    """The inner steps' evaluation noise is one draw per step shared by the batch: an image gets the same SA-VAE
+    prediction alone, first or last, in a batch of 2, 3 or 64 (what a deployed model must guarantee)."""
+    weight = [[3.0, 0.0], [0.0, 3.0], [-3.0, 1.0], [2.0, -2.0]]
+    objective = ELBOObjective(linear_decoder(weight, [0.0] * 4), latent_dim=2, eval_samples=8).eval()
+    model = SemiAmortizedVI(MLP(4, 4, hidden=[8]), steps=5, update=GradientStep(0.1, learnable=False)).eval()
+    x = (images(64) > 0.5).float()
+    answers = model(x, objective).y.detach()
+    assert not torch.allclose(answers, model.init(x).detach(), atol=1e-3), "the inner steps must move the answer"
+    for picked in ([5], [0, 5, 9], [9, 5], list(range(63, -1, -1))):
+        torch.testing.assert_close(model(x[picked], objective).y.detach(), answers[picked], rtol=0, atol=1e-5)
+    # the scoring noise stays independent across images (a batch-mean ELBO averages over them)
+    eps = objective.noise(3, x)
+    assert not torch.equal(eps[0], eps[1])
+
+
 def test_savae_needs_an_elbo_objective():
     model, _ = savae("unroll")
     with pytest.raises(TypeError, match="SemiAmortizedVI works on an ELBOObjective"):
@@ -303,6 +319,31 @@ def test_image_grid_tiles_rows():
 
 
 # --- VAEModule under a Trainer -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sanity_steps", [0, 2])
+def test_validating_does_not_change_training(tmp_path, sanity_steps):
+    """Validation draws random numbers (SVI's fresh noise for the gap): training must draw the same ones whether it
+    validates every 2 steps (with or without a sanity check) or never."""
+
+    def fit(validate: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        objective = ELBOObjective(MLP(4, 64, hidden=[16]), latent_dim=4, eval_samples=2)
+        model = VAEModule(objective, FullyAmortized(MLP(64, 8, hidden=[16])), refine=SVI(steps=5, lr=0.05),
+                          num_images=0)
+        data = DigitsImages(batch_size=32, batches_per_epoch=6, val_size=16, test_size=16, eval_batch_size=16)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=6, val_check_interval=2, check_val_every_n_epoch=None,
+                             limit_val_batches=1.0 if validate else 0, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=sanity_steps if validate else 0, default_root_dir=tmp_path)
+        trainer.fit(model, datamodule=data)
+        if validate:
+            assert "val/gap" in trainer.callback_metrics
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    plain, validated = fit(False), fit(True)
+    for name, value in plain.items():
+        torch.testing.assert_close(validated[name], value, rtol=0, atol=0, msg=f"{name} differs")
+
 
 def test_vae_module_logs_the_elbo_its_parts_the_gap_and_reconstructions(tmp_path):
     torch.manual_seed(0)

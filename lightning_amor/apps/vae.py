@@ -158,15 +158,21 @@ class ELBOObjective(Objective):
         return y[:, : self.latent_dim], y[:, self.latent_dim :]
 
     def noise(self, batch: int, like: Tensor) -> Tensor:
-        """Standard normal ε, ``B x S x L`` on ``like``'s device and dtype, drawn by :attr:`noise_policy`."""
+        """Standard normal ε, ``B x S x L`` on ``like``'s device and dtype, drawn by :attr:`noise_policy`.
+
+        Fresh and fixed noise are independent for every image (fixed: one seeded ``B x S x L`` draw, so a
+        batch-mean estimate averages over images). A seeded stream (SA-VAE's inner steps in evaluation) draws one
+        ``S x L`` ε per call shared by every image of the batch, so that an image's SA-VAE answer does not depend
+        on the batch it comes in — its size or its position — and an exported SA-VAE takes any batch size.
+        """
         policy = self.noise_policy
-        shape = (batch, policy.samples, self.latent_dim)
         if not policy.fixed:
-            return torch.randn(shape, device=like.device, dtype=like.dtype)
+            return torch.randn((batch, policy.samples, self.latent_dim), device=like.device, dtype=like.dtype)
         if policy.stream:
             seed = _mixed_seed(policy.seed, self._calls)
             self._calls += 1
-            return _normal(shape, seed, like)
+            return _normal((policy.samples, self.latent_dim), seed, like).expand(batch, -1, -1)
+        shape = (batch, policy.samples, self.latent_dim)
         key = (shape, like.device, like.dtype, policy.seed)
         if self._noise_cache is None or self._noise_cache[0] != key:
             self._noise_cache = (key, _normal(shape, policy.seed, like))

@@ -33,7 +33,7 @@ def build_parser() -> ArgumentParser:
                              "the files accept")
     parser.add_argument("--static-batch", action="store_true",
                         help="export for exactly --batch-size contexts per call instead of any batch size (needed "
-                             "when the prediction draws seeded noise that depends on the batch size, as SA-VAE)")
+                             "when the prediction draws seeded noise whose shape depends on the batch size)")
     parser.add_argument("--check-batch-sizes", type=int, nargs="+", default=[1, 7, 256],
                         help="batch sizes of held-out contexts the exported files are checked at (dynamic batch)")
     parser.add_argument("--atol", type=float, default=1e-5,
