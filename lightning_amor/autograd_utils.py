@@ -32,3 +32,9 @@ def usable_context(x: Context) -> Context:
     if isinstance(x, Tensor):
         return usable(x)
     return {k: usable(v) for k, v in x.items()}
+
+
+def constant_context(x: Context) -> Context:
+    """A context as a constant of an inner loop: :func:`usable` by autograd, and detached from any graph."""
+    x = usable_context(x)
+    return x.detach() if isinstance(x, Tensor) else {k: v.detach() for k, v in x.items()}

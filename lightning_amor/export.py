@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from lightning_amor.inference import evaluation_mode
 from lightning_amor.module import AmortizedModule
 
 FORMATS = ("torchscript", "onnx")
@@ -116,18 +117,6 @@ def _random_nodes(graph: torch.fx.Graph) -> list[str]:
     return found
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[nn.Module]:
-    """``module`` in eval mode within the block; its previous modes (every submodule's) restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def trace_inference(module: AmortizedModule, example: Tensor, dynamic_batch: bool = True) -> torch.fx.GraphModule:
     """The eval-mode prediction ``x -> module(x)`` as a graph of aten operations (inner gradient steps included).
 
@@ -155,7 +144,7 @@ def trace_inference(module: AmortizedModule, example: Tensor, dynamic_batch: boo
         return y
 
     mode = "symbolic" if dynamic_batch else "real"
-    with _eval_mode(module), torch.no_grad():
+    with evaluation_mode(module), torch.no_grad():
         try:
             graph = make_fx(predict, tracing_mode=mode, _allow_non_fake_inputs=True)(example)
         except ExportError:
@@ -418,7 +407,7 @@ def check_export(
             raise ExportError(f"batch sizes must lie in [1, {total}] (the number of contexts), got {sizes}")
         batches = [contexts[:b] for b in sizes]
     worst = 0.0
-    with _eval_mode(module), torch.no_grad():
+    with evaluation_mode(module), torch.no_grad():
         for x in batches:
             expected = module(x.to(module.device)).cpu()
             got = exported.predict(x)

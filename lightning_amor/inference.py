@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_amor.autograd_utils import gradients_enabled, usable, usable_context
+from lightning_amor.autograd_utils import constant_context, gradients_enabled, usable
 from lightning_amor.objective import Context, Objective, context_batch_size, context_index
 from lightning_amor.solvers import LBFGS, Solver
 
@@ -49,6 +49,7 @@ __all__ = [
     "calibrate",
     "certify",
     "context_features",
+    "evaluation_mode",
     "nonfinite_rows",
     "stationarity_residual",
 ]
@@ -82,8 +83,13 @@ def stationarity_residual(objective: Objective, y: Tensor, x: Context) -> Tensor
     Zero exactly at the stationary points of f on the domain; ``‖∇f‖`` when P is the identity (R^n). Works under
     ``torch.no_grad`` and ``inference_mode``; a context whose value is not finite gets NaN.
     """
+    return _value_and_residual(objective, y, x)[1]
+
+
+def _value_and_residual(objective: Objective, y: Tensor, x: Context) -> tuple[Tensor, Tensor]:
+    """f(y; x) and the :func:`stationarity_residual` from one evaluation of f: each ``B``, detached."""
     with gradients_enabled():
-        x = _detached(usable_context(x))
+        x = constant_context(x)
         y = usable(y).detach().requires_grad_(True)
         value = objective(y, x)
         grad = None
@@ -92,7 +98,8 @@ def stationarity_residual(objective: Objective, y: Tensor, x: Context) -> Tensor
         grad = torch.zeros_like(y) if grad is None else grad.detach()
         y = y.detach()
         residual = (y - objective.project(y - grad)).norm(dim=-1)
-    return torch.where(torch.isfinite(value.detach()), residual, torch.full_like(residual, math.nan))
+    value = value.detach()
+    return value, torch.where(torch.isfinite(value), residual, torch.full_like(residual, math.nan))
 
 
 def certify(objective: Objective, y: Tensor, x: Context) -> tuple[Tensor, Tensor, Tensor]:
@@ -101,9 +108,8 @@ def certify(objective: Objective, y: Tensor, x: Context) -> tuple[Tensor, Tensor
     ``value`` is f(y; x), ``residual`` the :func:`stationarity_residual` and ``violation`` the objective's
     constraint violation (zeros when the domain has no constraints besides its projection).
     """
-    residual = stationarity_residual(objective, y, x)
+    value, residual = _value_and_residual(objective, y, x)
     with torch.no_grad():
-        value = objective(y, x).detach()
         violation = objective.violation(y, x)
     violation = torch.zeros_like(value) if violation is None else violation.detach().to(value.dtype)
     return value, residual, violation
@@ -127,10 +133,6 @@ def nonfinite_rows(x: Context) -> dict[int, str]:
         row: "the context holds NaN or infinite numbers (" + "; ".join(places) + "); fix or drop it"
         for row, places in sorted(found.items())
     }
-
-
-def _detached(x: Context) -> Context:
-    return x.detach() if isinstance(x, Tensor) else {k: v.detach() for k, v in x.items()}
 
 
 # --- calibration ---------------------------------------------------------------------------------------------------
@@ -284,7 +286,7 @@ def calibrate(module: AmortizedModule, x: Context, batch_size: int = 1024) -> Ca
     saved with its next checkpoint."""
     residuals, features = [], []
     compare = context_features_fit(x)
-    with _evaluation(module):
+    with evaluation_mode(module):
         for start in range(0, context_batch_size(x), batch_size):
             part = _to_device(context_index(x, slice(start, start + batch_size)), module.device)
             residuals.append(prediction_residuals(module, part).cpu())
@@ -519,7 +521,7 @@ class Fallback:
             threshold = self.threshold(calibration) if self.fallback else None
         size = context_batch_size(x)
         chunks = []
-        with _evaluation(module):
+        with evaluation_mode(module):
             for start in range(0, size, self.batch_size):
                 part = _to_device(context_index(x, slice(start, start + self.batch_size)), module.device)
                 chunks.append(self._solve_chunk(module, part, threshold, calibration, distance_threshold))
@@ -568,10 +570,13 @@ class Fallback:
         rows.set(done_t, y0, value0, residual0, violation0)
         rows.ood_score[done_t] = score.to(rows.ood_score.dtype)
         rows.ood[done_t] = ood
-        for k, index in enumerate(done):
+        # one transfer to the host for the per-context bookkeeping (not one sync per context)
+        for index, ok, is_finite, res, is_feasible in zip(
+            done, accepted.tolist(), finite.tolist(), residual0.tolist(), feasible.tolist(), strict=True
+        ):
             rows.status[index] = "amortized"
-            if not accepted[k]:
-                rows.reason[index] = _shortfall(bool(finite[k]), float(residual0[k]), bool(feasible[k]), self.tolerance)
+            if not ok:
+                rows.reason[index] = _shortfall(is_finite, res, is_feasible, self.tolerance)
 
         # 2. contexts far outside the calibration contexts (the prediction is not trusted): solved from scratch
         fall_back = ood if self.fallback else torch.zeros_like(accepted)
@@ -621,15 +626,16 @@ class Fallback:
         rows.iterations[done_t] = iterations.to(rows.iterations.device, torch.int64)
         flag = rows.fell_back if from_scratch else rows.refined
         flag[done_t] = True
-        for k, index in enumerate(done):
-            if not finite[k]:
+        for index, is_finite, res, viol in zip(
+            done, finite.tolist(), residual.tolist(), violation.tolist(), strict=True
+        ):
+            if not is_finite:
                 rows.fail(index, f"{what} returned a non-finite solution or value")
                 continue
             rows.status[index] = "fell_back" if from_scratch else "refined"
-            feasible = float(violation[k]) <= self.feasibility_tolerance
-            good = feasible and float(residual[k]) <= self.tolerance
-            rows.reason[index] = "" if good else f"after {what}: " + _shortfall(
-                True, float(residual[k]), feasible, self.tolerance)
+            feasible = viol <= self.feasibility_tolerance
+            good = feasible and res <= self.tolerance
+            rows.reason[index] = "" if good else f"after {what}: " + _shortfall(True, res, feasible, self.tolerance)
 
 
 def _shortfall(finite: bool, residual: float, feasible: bool, tolerance: float) -> str:
@@ -771,11 +777,13 @@ def _to_device(x: Context, device: torch.device) -> Context:
 
 
 @contextmanager
-def _evaluation(module: torch.nn.Module) -> Iterator[None]:
-    """Evaluation mode for the block (deterministic objectives, e.g. fixed noise), restored afterwards."""
-    was_training = module.training
+def evaluation_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` in eval mode within the block (deterministic objectives, e.g. fixed noise); the previous mode of
+    every submodule is restored afterwards."""
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        yield
+        yield module
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training

@@ -19,7 +19,7 @@ from lightning_amor.inference import (
     Fallback,
     context_features,
     context_features_fit,
-    prediction_residuals,
+    stationarity_residual,
 )
 from lightning_amor.losses import AmortizationLoss, ObjectiveLoss
 from lightning_amor.metrics import AmortizationMetrics
@@ -145,6 +145,7 @@ class AmortizedModule(LightningModule):
         self.test_metrics = AmortizationMetrics()
         self.skipped_steps = 0
         self._skip_update = False
+        self._rng_states: Optional[tuple[Tensor, Optional[Tensor]]] = None  # kept during validation
 
     @property
     def needs_target(self) -> bool:
@@ -225,7 +226,8 @@ class AmortizedModule(LightningModule):
             return self.refine.solve(self.objective, x, init=y.detach()).y
         return y_star
 
-    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> None:
+    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> tuple[Context, Tensor]:
+        """Update ``metrics`` with one evaluation batch; returns its contexts and the predictions ``B x n``."""
         x, y_star = unpack_batch(batch)
         y, elapsed_ms = self.timed_prediction(x)
         y_star = self.reference_solutions(x, y, y_star)
@@ -233,6 +235,7 @@ class AmortizedModule(LightningModule):
         f_star = self.objective(y_star, x) if y_star is not None else None
         distance = self.objective.distance(y, y_star) if y_star is not None else None
         metrics.update(f_pred, f_star, distance, self.objective.violation(y, x), elapsed_ms)
+        return x, y
 
     def on_validation_start(self) -> None:
         """Keep the random generators' states: validation (a refining solver's fresh noise, say) must not change
@@ -242,16 +245,15 @@ class AmortizedModule(LightningModule):
 
     def on_validation_end(self) -> None:
         """Put back the random generators' states kept by :meth:`on_validation_start`."""
-        states, self._rng_states = getattr(self, "_rng_states", None), None
+        states, self._rng_states = self._rng_states, None
         if states is not None:
             torch.set_rng_state(states[0])
             if states[1] is not None:
                 torch.cuda.set_rng_state(states[1], self.device)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-        x = unpack_batch(batch)[0]
-        self.val_residuals.update(prediction_residuals(self, x))
+        x, y = self._evaluate(batch, self.val_metrics)
+        self.val_residuals.update(stationarity_residual(self.objective, y, x))  # of the prediction just made
         if context_features_fit(x):
             self.val_contexts.update(context_features(x))
 

@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from lightning_amor.autograd_utils import gradients_enabled, usable, usable_context
+from lightning_amor.autograd_utils import constant_context, gradients_enabled, usable
 from lightning_amor.objective import Context, Objective, context_batch_size, context_repeat
 
 Callback = Callable[[int, Tensor], None]
@@ -80,7 +80,7 @@ class Solver:
             ValueError: If ``init`` does not have shape ``(B, objective.dim)``.
         """
         with gradients_enabled():
-            x = _detach_context(usable_context(x))
+            x = constant_context(x)
             if init is not None:
                 init = self._check_init(objective, x, init)
             return self._solve(objective, x, init, callback)
@@ -122,12 +122,6 @@ class Solver:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({args})"
-
-
-def _detach_context(x: Context) -> Context:
-    if isinstance(x, Tensor):
-        return x.detach()
-    return {k: v.detach() for k, v in x.items()}
 
 
 def _value_and_grad(objective: Objective, y: Tensor, x: Context) -> tuple[Tensor, Tensor]:

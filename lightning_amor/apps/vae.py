@@ -405,7 +405,7 @@ class VAEModule(AmortizedModule):
         self.test_parts = nn.ModuleDict({n: MeanMetric() for n in names})
         self._shown: Optional[list[Tensor]] = None
 
-    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> None:
+    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> tuple[Context, Tensor]:
         x, y_star = unpack_batch(batch)
         parts = self.val_parts if metrics is self.val_metrics else self.test_parts
         y, elapsed_ms = self.timed_prediction(x)
@@ -426,6 +426,7 @@ class VAEModule(AmortizedModule):
             if y_star is not None:
                 rows.append(self.objective.decode_mean(y_star[shown], x[shown]))
             self._shown = [r.detach() for r in rows]
+        return x, y
 
     def _log_metrics(self, prefix: str, metrics: AmortizationMetrics) -> None:
         super()._log_metrics(prefix, metrics)
