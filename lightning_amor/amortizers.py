@@ -51,7 +51,7 @@ class FullyAmortized(Amortizer):
 
     def forward(self, x: Context, objective: Objective) -> AmortizedOutput:
         """``π(net(x))``, ``B x n``."""
-        y = objective.project(self.net(x))
+        y = objective.project_flat(objective.flatten(self.net(x)))
         return AmortizedOutput(y=y, iterates=[y])
 
 
@@ -113,7 +113,8 @@ class SemiAmortized(Amortizer):
         self.cg_steps = cg_steps
 
     def _inner_value(self, y: Tensor, y0: Tensor, x: Context, objective: Objective) -> Tensor:
-        value = objective.projected(y, x).sum()
+        # A proximal update differentiates only the smooth part g of f = g + h and applies h's prox itself.
+        value = (objective.smooth_projected(y, x) if self.update.proximal else objective.projected(y, x)).sum()
         if self.shrinkage > 0:
             value = value + 0.5 * self.shrinkage * ((y - y0) ** 2).sum()
         return value
@@ -130,7 +131,7 @@ class SemiAmortized(Amortizer):
         differentiate = torch.is_grad_enabled()
         with gradients_enabled():
             x = usable_context(x)
-            y0 = objective.project(self.init(x))
+            y0 = objective.project_flat(objective.flatten(self.init(x)))
             if not differentiate:
                 y0 = y0.detach()  # autograd is on for the inner gradients only; return no graph
             if self.gradient == "implicit":
@@ -145,8 +146,8 @@ class SemiAmortized(Amortizer):
                 )
                 if not differentiate:
                     y, grad = y.detach(), grad.detach()
-                y, state = self.update(y, grad, state, t)
-                y = objective.project(y)
+                y, state = self.update(y, grad, state, t, objective=objective)
+                y = objective.project_flat(y)
                 if not differentiate:
                     y = y.detach()
                     state = _detach(state)
@@ -159,7 +160,7 @@ class SemiAmortized(Amortizer):
         for t in range(self.steps):
             point = y.detach().requires_grad_()
             (grad,) = torch.autograd.grad(self._inner_value(point, anchor, x, objective), point)
-            y, state = self.update(y.detach(), grad.detach(), _detach(state), t)
+            y, state = self.update(y.detach(), grad.detach(), _detach(state), t, objective=objective)
             y, state = y.detach(), _detach(state)
         if differentiate:
             params = [p for p in objective.parameters() if p.requires_grad]
@@ -168,7 +169,7 @@ class SemiAmortized(Amortizer):
             y = implicit_solution(
                 y, y0, lambda v: objective.projected(v, x).sum(), self.shrinkage, params, self.cg_steps
             )
-        y = objective.project(y)
+        y = objective.project_flat(y)
         return AmortizedOutput(y=y, iterates=[y0, y])
 
 

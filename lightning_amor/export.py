@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from lightning_amor.inference import evaluation_mode
 from lightning_amor.module import AmortizedModule
+from lightning_amor.runtime import evaluation_mode
+from lightning_amor.structure import Structure
 
 FORMATS = ("torchscript", "onnx")
 SUFFIXES = {"torchscript": ".pt", "onnx": ".onnx"}
@@ -205,6 +206,8 @@ def _metadata(module: AmortizedModule, example: Tensor, dynamic_batch: bool, fmt
         "objective": type(module.objective).__name__,
         "context_shape": ["B", *example.shape[1:]],
         "solution_dim": int(module.objective.dim),
+        # the layout of a structured solution in the flat output (None: a plain vector)
+        "solution_structure": None if module.objective.structure is None else module.objective.structure.describe(),
         "dtype": str(example.dtype).removeprefix("torch."),
         "batch": None if dynamic_batch else int(example.shape[0]),
     }
@@ -360,8 +363,25 @@ class ExportedAmortizer:
         """The fixed batch size of a static export, ``None`` for a dynamic batch."""
         return self.metadata.get("batch")
 
+    @property
+    def structure(self) -> Optional[Structure]:
+        """The layout of a structured solution in the flat ``B x n`` output (``None``: a plain vector)."""
+        described = self.metadata.get("solution_structure")
+        if not described:
+            return None
+        if "shape" in described:
+            return Structure(described["shape"])
+        return Structure(dict(zip(described["names"], described["shapes"], strict=True)))
+
+    def predict_solution(self, x: Tensor) -> Union[Tensor, dict[str, Tensor]]:
+        """Predictions for contexts ``B x ...`` in the objective's structure (``B x *shape``, or a dict of named
+        ``B x *shape`` tensors; ``B x n`` for a plain vector)."""
+        y = self.predict(x)
+        structure = self.structure
+        return y if structure is None else structure.view(y)
+
     def predict(self, x: Tensor) -> Tensor:
-        """Predictions ``B x n`` for contexts ``B x ...``."""
+        """Predictions ``B x n`` (flat) for contexts ``B x ...``."""
         if self.format == "onnx":
             return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
         with torch.no_grad():

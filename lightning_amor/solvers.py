@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_amor.autograd_utils import constant_context, gradients_enabled, usable
 from lightning_amor.objective import Context, Objective, context_batch_size, context_repeat
+from lightning_amor.steps import adam_direction, adam_moments, gradient_step
 
 Callback = Callable[[int, Tensor], None]
 """``callback(k, y)``: called with the iterate ``y`` (``B x n``, detached) after ``k`` iterations, k = 0, 1, ..."""
@@ -117,7 +118,7 @@ class Solver:
         """The projected, detached ``B x n`` starting point."""
         if init is None:
             return objective.initial_point(x).detach()
-        return objective.project(init).detach()
+        return objective.project_flat(init).detach()
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -189,7 +190,7 @@ class GradientDescent(Solver):
         if callback is not None:
             callback(0, y)
         for k in range(self.steps):
-            y_new = objective.project(y - self.lr * grad).detach()
+            y_new = objective.project_flat(gradient_step(y, grad, self.lr)).detach()
             if self.tol is None:
                 y = y_new
                 iterations += 1
@@ -253,7 +254,6 @@ class Adam(Solver):
         init: Optional[Tensor],
         callback: Optional[Callback],
     ) -> SolverResult:
-        beta1, beta2 = self.betas
         y = self._start(objective, x, init)
         value, grad = _value_and_grad(objective, y, x)
         iterations = torch.zeros(y.shape[0], dtype=torch.int64, device=y.device)
@@ -269,13 +269,10 @@ class Adam(Solver):
                     break
             # Samples that converged never resume, so every active sample has taken exactly k steps.
             step = k + 1
-            new_avg = torch.lerp(exp_avg, grad, 1.0 - beta1)
-            new_avg_sq = exp_avg_sq.mul(beta2).addcmul(grad, grad, value=1.0 - beta2)
-            step_size = self.lr / (1.0 - beta1**step)
-            if self.decay == "linear":
-                step_size *= 1.0 - k / self.steps
-            denom = (new_avg_sq.sqrt() / (1.0 - beta2**step) ** 0.5).add(self.eps)
-            y_new = objective.project(y.addcdiv(new_avg, denom, value=-step_size)).detach()
+            new_avg, new_avg_sq = adam_moments(grad, exp_avg, exp_avg_sq, self.betas)
+            lr = self.lr * (1.0 - k / self.steps) if self.decay == "linear" else self.lr
+            direction = adam_direction(new_avg, new_avg_sq, step, self.betas, self.eps)
+            y_new = objective.project_flat(gradient_step(y, direction, lr)).detach()
             if active is None:
                 y, exp_avg, exp_avg_sq = y_new, new_avg, new_avg_sq
                 iterations += 1
@@ -441,7 +438,7 @@ class LBFGS(Solver):
         y_new, value_new, grad_new = y, value, grad
         searching = active
         for _ in range(self.max_backtracks + 1):
-            y_try = objective.project(y + step[:, None] * direction).detach()
+            y_try = objective.project_flat(y + step[:, None] * direction).detach()
             value_try, grad_try = _value_and_grad(objective, y_try, x)
             decrease = (grad * (y_try - y)).sum(-1).clamp(max=0.0)
             ok = searching & torch.isfinite(value_try) & (value_try <= value + self.armijo * decrease)

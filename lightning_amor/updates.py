@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lightning_amor.objective import Objective
+from lightning_amor.steps import adam_direction, adam_moments, gradient_step
 
 
 def _inverse_softplus(x: float) -> float:
@@ -17,14 +20,23 @@ def _inverse_softplus(x: float) -> float:
 class InnerUpdate(nn.Module):
     """One step of an inner optimizer on a ``B x n`` iterate.
 
-    Subclasses implement :meth:`init_state` and :meth:`forward`; ``t`` is the step index from 0.
+    Subclasses implement :meth:`init_state` and :meth:`forward`; ``t`` is the step index from 0. ``grad`` is the
+    gradient of the objective's :meth:`~lightning_amor.objective.Objective.inner_value` (the smooth part of a
+    composite objective); ``objective`` is passed so that an update can use the problem's own operators (the
+    proximal operator of a composite objective's nonsmooth part, say).
     """
+
+    proximal: bool = False
+    """Whether ``grad`` is the gradient of the smooth part only (:meth:`Objective.smooth_projected`), the update
+    applying the nonsmooth part's prox itself (``objective.prox_flat``); ``False``: the gradient of all of f."""
 
     def init_state(self, y: Tensor) -> Any:
         """The optimizer state before the first step (``None`` when stateless)."""
         return None
 
-    def forward(self, y: Tensor, grad: Tensor, state: Any, t: int) -> tuple[Tensor, Any]:
+    def forward(
+        self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
+    ) -> tuple[Tensor, Any]:
         """``(y_t, ∇f(y_t), state_t, t) -> (y_{t+1}, state_{t+1})``, every tensor ``B x n``."""
         raise NotImplementedError
 
@@ -52,9 +64,11 @@ class GradientStep(InnerUpdate):
         """The current step size α (a scalar tensor)."""
         return F.softplus(self.raw_lr)
 
-    def forward(self, y: Tensor, grad: Tensor, state: Any, t: int) -> tuple[Tensor, Any]:
+    def forward(
+        self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
+    ) -> tuple[Tensor, Any]:
         """``y - α grad``."""
-        return y - self.lr.to(y.dtype) * grad, state
+        return gradient_step(y, grad, self.lr.to(y.dtype)), state
 
 
 class AdamStep(InnerUpdate):
@@ -78,17 +92,14 @@ class AdamStep(InnerUpdate):
         """First and second moments, zeros ``B x n``."""
         return torch.zeros_like(y), torch.zeros_like(y)
 
-    def forward(self, y: Tensor, grad: Tensor, state: Any, t: int) -> tuple[Tensor, Any]:
-        """``y - α m̂ / (sqrt(v̂) + eps)``."""
-        b1, b2 = self.betas
-        m, v = state
-        m = b1 * m + (1 - b1) * grad
-        v = b2 * v + (1 - b2) * grad * grad
-        m_hat = m / (1 - b1 ** (t + 1))
-        v_hat = v / (1 - b2 ** (t + 1))
+    def forward(
+        self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
+    ) -> tuple[Tensor, Any]:
+        """``y - α m̂ / (sqrt(v̂ + eps²) + eps)``."""
+        m, v = adam_moments(grad, *state, self.betas)
         # eps inside the root keeps the second derivative finite where v is zero.
-        direction = m_hat / (torch.sqrt(v_hat + self.eps**2) + self.eps)
-        return y - self.gradient.lr.to(y.dtype) * direction, (m, v)
+        direction = adam_direction(m, v, t + 1, self.betas, self.eps, smooth=True)
+        return gradient_step(y, direction, self.gradient.lr.to(y.dtype)), (m, v)
 
 
 class LearnedUpdate(InnerUpdate):
@@ -131,7 +142,9 @@ class LearnedUpdate(InnerUpdate):
             return y.new_zeros(y.numel(), self.hidden)
         return None
 
-    def forward(self, y: Tensor, grad: Tensor, state: Any, t: int) -> tuple[Tensor, Any]:
+    def forward(
+        self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
+    ) -> tuple[Tensor, Any]:
         """A gradient step with the learned coordinate-wise step size."""
         g = grad.reshape(-1, 1)
         feats = torch.cat([g, torch.log(g.abs() + 1e-8) / 10.0, torch.tanh(100.0 * g)], dim=1)
@@ -142,3 +155,60 @@ class LearnedUpdate(InnerUpdate):
             h = self.body(feats)
         step = self.gradient.lr.to(y.dtype) + self.scale * self.head(h).reshape(y.shape)
         return y - step * grad, state
+
+
+class ProximalStep(InnerUpdate):
+    """A proximal-gradient (ISTA) step ``y ← prox_{αh}(y − α ∇g(y))`` for a composite objective f = g + h.
+
+    ``grad`` is the gradient of the smooth part g only (:attr:`proximal` is ``True``, so
+    :class:`~lightning_amor.amortizers.SemiAmortized` differentiates ``objective.smooth_projected``), and the step
+    applies the nonsmooth part's prox ``objective.prox_flat`` itself, so the iterate stays where h wants it (sparse
+    for ℓ1, in the set for an indicator). On an objective without a nonsmooth part it is a gradient step.
+
+    The step size α is learnable by default (kept positive by a softplus, as :class:`GradientStep`), one for all
+    coordinates or, with ``dim``, one per coordinate: with ℓ1 that learns a threshold ``α_i · λ`` per coordinate,
+    the θ of a LISTA-style update (which also learns the linear maps in place of ``y − α∇g``). The operator is
+    differentiable almost everywhere, so unrolled steps backpropagate through it.
+
+    Args:
+        lr: the initial step size α (> 0), about 1/L for a g with L-Lipschitz gradient.
+        learnable: train α along with the amortizer (``false``: keep it fixed).
+        dim: ``None`` for one step size, or n for a step size per coordinate of ``B x n`` iterates.
+    """
+
+    proximal = True
+
+    def __init__(self, lr: float = 0.1, learnable: bool = True, dim: Optional[int] = None) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"ProximalStep: lr must be positive, got {lr}")
+        if dim is not None and (int(dim) != dim or dim < 1):
+            raise ValueError(f"ProximalStep: dim must be None or a positive integer (the solution size n), got {dim}")
+        shape = () if dim is None else (int(dim),)
+        raw = torch.full(shape, _inverse_softplus(lr))
+        if learnable:
+            self.raw_lr = nn.Parameter(raw)
+        else:
+            self.register_buffer("raw_lr", raw)
+
+    @property
+    def lr(self) -> Tensor:
+        """The current step size α: a scalar tensor, or ``n`` per-coordinate step sizes."""
+        return F.softplus(self.raw_lr)
+
+    def forward(
+        self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
+    ) -> tuple[Tensor, Any]:
+        """``prox_{αh}(y − α grad)`` with the objective's prox: ``B x n``."""
+        if objective is None:
+            raise ValueError(
+                "ProximalStep needs the objective to apply its proximal operator: call it as "
+                "update(y, grad, state, t, objective=objective) (SemiAmortized does)"
+            )
+        if self.raw_lr.dim() == 1 and self.raw_lr.shape[0] != y.shape[-1]:
+            raise ValueError(
+                f"ProximalStep: it has {self.raw_lr.shape[0]} per-coordinate step sizes but the iterate has "
+                f"{y.shape[-1]} coordinates; set dim to the objective's dim ({y.shape[-1]})"
+            )
+        step = self.lr.to(y.dtype)
+        return objective.prox_flat(gradient_step(y, grad, step), step), state
