@@ -19,6 +19,7 @@ PACKAGES = ("lightning_amor", "datamodules")
 PAGE_ORDER = {
     "index.md": "Home",
     "new_problem.md": "Tutorial: a new problem",
+    "extending.md": "Extension points",
     "applications/sphere.md": "Sphere",
     "applications/vae.md": "VAE and SA-VAE",
     "cli.md": "Command line",
