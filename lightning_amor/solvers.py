@@ -16,6 +16,7 @@ an amortized prediction.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -29,7 +30,14 @@ from lightning_amor.steps import adam_direction, adam_moments, gradient_step
 Callback = Callable[[int, Tensor], None]
 """``callback(k, y)``: called with the iterate ``y`` (``B x n``, detached) after ``k`` iterations, k = 0, 1, ..."""
 
-__all__ = ["LBFGS", "Adam", "Callback", "GradientDescent", "MultiStart", "Solver", "SolverResult"]
+__all__ = ["LBFGS", "STOP_REASONS", "Adam", "Callback", "GradientDescent", "MultiStart", "Solver", "SolverResult",
+           "context_seeds"]
+
+
+STOP_REASONS = ("converged", "max_steps", "no_progress", "not_finite")
+"""Why a solver stopped on a context (:attr:`SolverResult.stopped` holds indices into this tuple): its gradient norm
+reached the tolerance at a finite value; it ran every step; it could not lower f any more (a line search found no
+decrease, e.g. on a plateau or at float precision); or f or its gradient was NaN or infinite."""
 
 
 @dataclass
@@ -40,14 +48,25 @@ class SolverResult:
         y: ``B x n`` projected solutions (detached).
         value: ``B`` values of ``F = f(project(.); x)`` at ``y``.
         iterations: ``B`` int64 counts of the iterations each sample used.
-        converged: ``B`` bool, whether the gradient norm of ``F`` at ``y`` is at most the solver's
+        converged: ``B`` bool, whether F is finite at ``y`` and its gradient norm there at most the solver's
             ``tol`` (all ``False`` when ``tol`` is ``None``).
+        stopped: ``B`` int64 indices into :data:`STOP_REASONS`, why each context stopped (``None``: derived
+            from ``converged`` and ``value`` by :meth:`reasons`).
     """
 
     y: Tensor
     value: Tensor
     iterations: Tensor
     converged: Tensor
+    stopped: Optional[Tensor] = None
+
+    def reasons(self) -> list[str]:
+        """Per context, why the solver stopped: one of :data:`STOP_REASONS`."""
+        if self.stopped is not None:
+            return [STOP_REASONS[int(i)] for i in self.stopped.tolist()]
+        finite = torch.isfinite(self.value).tolist()
+        return ["converged" if c else ("max_steps" if f else "not_finite")
+                for c, f in zip(self.converged.tolist(), finite, strict=True)]
 
 
 class Solver:
@@ -149,10 +168,26 @@ def _check_steps(name: str, steps: int) -> int:
     return int(steps)
 
 
-def _converged(grad: Tensor, tol: Optional[float]) -> Tensor:
+def _converged(grad: Tensor, value: Tensor, tol: Optional[float]) -> Tensor:
+    """``B`` bool: a finite value and a gradient norm at most ``tol`` (never with ``tol=None``)."""
     if tol is None:
         return torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
-    return grad.norm(dim=-1) <= tol
+    return torch.isfinite(value) & (grad.norm(dim=-1) <= tol)
+
+
+def _stop_reasons(converged: Tensor, value: Tensor, grad: Tensor, no_progress: Optional[Tensor] = None) -> Tensor:
+    """``B`` indices into :data:`STOP_REASONS` from the final state of a solve."""
+    reason = torch.full_like(converged, STOP_REASONS.index("max_steps"), dtype=torch.int64)
+    if no_progress is not None:
+        reason = torch.where(no_progress, STOP_REASONS.index("no_progress"), reason)
+    reason = torch.where(converged, STOP_REASONS.index("converged"), reason)
+    finite = torch.isfinite(value) & torch.isfinite(grad).all(-1)
+    return torch.where(finite, reason, STOP_REASONS.index("not_finite"))
+
+
+def _active(grad: Tensor, value: Tensor, tol: float) -> Tensor:
+    """``B`` bool: rows that keep iterating: finite, with a gradient norm above ``tol``."""
+    return torch.isfinite(value) & (grad.norm(dim=-1) > tol)
 
 
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
@@ -195,7 +230,7 @@ class GradientDescent(Solver):
                 y = y_new
                 iterations += 1
             else:
-                active = grad.norm(dim=-1) > self.tol
+                active = _active(grad, value, self.tol)
                 if not bool(active.any()):
                     break
                 y = torch.where(active[:, None], y_new, y)
@@ -203,7 +238,8 @@ class GradientDescent(Solver):
             value, grad = _value_and_grad(objective, y, x)
             if callback is not None:
                 callback(k + 1, y)
-        return SolverResult(y, value, iterations, _converged(grad, self.tol))
+        converged = _converged(grad, value, self.tol)
+        return SolverResult(y, value, iterations, converged, _stop_reasons(converged, value, grad))
 
 
 class Adam(Solver):
@@ -264,7 +300,7 @@ class Adam(Solver):
         for k in range(self.steps):
             active = None
             if self.tol is not None:
-                active = grad.norm(dim=-1) > self.tol
+                active = _active(grad, value, self.tol)
                 if not bool(active.any()):
                     break
             # Samples that converged never resume, so every active sample has taken exactly k steps.
@@ -285,7 +321,8 @@ class Adam(Solver):
             value, grad = _value_and_grad(objective, y, x)
             if callback is not None:
                 callback(k + 1, y)
-        return SolverResult(y, value, iterations, _converged(grad, self.tol))
+        converged = _converged(grad, value, self.tol)
+        return SolverResult(y, value, iterations, converged, _stop_reasons(converged, value, grad))
 
 
 class LBFGS(Solver):
@@ -303,7 +340,10 @@ class LBFGS(Solver):
     sample's history restarts (its stale pairs would otherwise keep proposing tiny steps that the
     Armijo test accepts, since there is no Wolfe curvature condition). A sample
     stops updating when its gradient norm reaches ``tol`` (``converged``) or when even a steepest
-    descent step cannot make progress (``converged`` stays ``False`` unless the gradient is small).
+    descent step cannot make progress (``converged`` stays ``False`` unless the gradient is small). Progress means
+    a strictly lower f: an Armijo test alone accepts equal values where the slope rounds to zero (a plateau, or
+    float32 near a minimum), and the iterate would drift without end. ``SolverResult.stopped`` says which of these
+    ended each context.
 
     Args:
         steps: Maximum number of iterations (each one a direction and a line search).
@@ -350,7 +390,8 @@ class LBFGS(Solver):
         filled = torch.zeros(batch, m, dtype=torch.bool, device=y.device)
         iterations = torch.zeros(batch, dtype=torch.int64, device=y.device)
         stalled = torch.zeros(batch, dtype=torch.bool, device=y.device)
-        converged = _converged(grad, self.tol)
+        converged = _converged(grad, value, self.tol)
+        stalled = stalled | ~torch.isfinite(value)  # nothing to descend from a NaN or infinite start
         curvature_eps = torch.finfo(y.dtype).eps
         if callback is not None:
             callback(0, y)
@@ -396,10 +437,11 @@ class LBFGS(Solver):
             y, value, grad = y_new, value_new, grad_new
             iterations += active
             if self.tol is not None:
-                converged = converged | (active & (grad.norm(dim=-1) <= self.tol))
+                converged = converged | (active & _converged(grad, value, self.tol))
             if callback is not None:
                 callback(k + 1, y)
-        return SolverResult(y, value, iterations, _converged(grad, self.tol))
+        converged = _converged(grad, value, self.tol)
+        return SolverResult(y, value, iterations, converged, _stop_reasons(converged, value, grad, stalled))
 
     @staticmethod
     def _direction(grad: Tensor, mem_s: Tensor, mem_y: Tensor, rho: Tensor, filled: Tensor) -> Tensor:
@@ -441,7 +483,10 @@ class LBFGS(Solver):
             y_try = objective.project_flat(y + step[:, None] * direction).detach()
             value_try, grad_try = _value_and_grad(objective, y_try, x)
             decrease = (grad * (y_try - y)).sum(-1).clamp(max=0.0)
-            ok = searching & torch.isfinite(value_try) & (value_try <= value + self.armijo * decrease)
+            # A step must lower f: on a plateau (or where float32 rounds the decrease away) an Armijo test with a
+            # zero slope accepts equal values, and the iterate would drift until `steps` without progress.
+            ok = searching & torch.isfinite(value_try) & (value_try <= value + self.armijo * decrease) & (
+                value_try < value)
             y_new = torch.where(ok[:, None], y_try, y_new)
             value_new = torch.where(ok, value_try, value_new)
             grad_new = torch.where(ok[:, None], grad_try, grad_new)
@@ -494,10 +539,11 @@ class MultiStart(Solver):
     """Run a solver from several random starts per context and keep the best solution.
 
     For ``B`` contexts, ``starts`` random points per context are drawn with
-    ``objective.random_points(B * starts, like, generator)`` from a CPU generator seeded with
-    ``seed`` (deterministic), the given initial point is added as one more start when there is one,
-    and all ``B * R`` problems are solved as one batch with the contexts repeated. The start with the
-    lowest value (NaN counts as worst) wins; its ``iterations`` and ``converged`` are reported.
+    ``objective.random_points(starts, like, generator)`` from a CPU generator seeded with ``seed`` and a hash of
+    the context itself (:meth:`starting_points`: deterministic, and independent of the batch), the given initial
+    point is added as one more start when there is one, and all ``B * R`` problems are solved as one batch with the
+    contexts repeated. The start with the lowest value (NaN counts as worst) wins; its ``iterations``,
+    ``converged`` and ``stopped`` are reported.
 
     With a callback, the wrapped solver's ``(B * R) x n`` iterates are evaluated (one forward pass
     without autograd) and the callback gets the current best ``B x n`` iterate per context.
@@ -527,9 +573,7 @@ class MultiStart(Solver):
         batch = context_batch_size(x)
         dim = objective.dim
         like = init if init is not None else objective.initial_point(x).detach()
-        generator = torch.Generator().manual_seed(self.seed)
-        points = objective.random_points(batch * self.starts, like=like, generator=generator).detach()
-        points = points.to(device=like.device, dtype=like.dtype).reshape(batch, self.starts, dim)
+        points = self.starting_points(objective, x, like)
         if init is not None:
             points = torch.cat([points, init[:, None]], dim=1)
         repeats = points.shape[1]
@@ -552,7 +596,36 @@ class MultiStart(Solver):
             value=result.value.view(batch, repeats)[rows, best],
             iterations=result.iterations.view(batch, repeats)[rows, best],
             converged=result.converged.view(batch, repeats)[rows, best],
+            stopped=None if result.stopped is None else result.stopped.view(batch, repeats)[rows, best],
         )
+
+    def starting_points(self, objective: Objective, x: Context, like: Tensor) -> Tensor:
+        """The random starts ``B x starts x n`` of every context, on ``like``'s device and dtype.
+
+        Context b's starts come from a generator seeded by ``seed`` and a hash of b's own numbers, never by its
+        position: a context gets the same starts (and so the same answer) alone, in any batch, and in any chunking
+        of a reference solve.
+        """
+        rows = []
+        for seed in context_seeds(x, self.seed):
+            generator = torch.Generator().manual_seed(seed)
+            rows.append(objective.random_points(self.starts, like=like[:1], generator=generator).detach())
+        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+
+
+def context_seeds(x: Context, seed: int) -> list[int]:
+    """One 63-bit seed per context of a batch, from ``seed`` and a hash of the context's own numbers (its bytes, a
+    dict's entries in key order): equal contexts get equal seeds wherever they sit in a batch."""
+    tensors = [x] if isinstance(x, Tensor) else [x[k] for k in sorted(x)]
+    arrays = [t.detach().reshape(t.shape[0], -1).cpu().contiguous().numpy() for t in tensors]
+    key = int(seed).to_bytes(8, "little", signed=True)
+    seeds = []
+    for b in range(context_batch_size(x)):
+        digest = hashlib.blake2b(key=key, digest_size=8)
+        for array in arrays:
+            digest.update(array[b].tobytes())
+        seeds.append(int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1))
+    return seeds
 
 
 def _best(values: Tensor) -> Tensor:

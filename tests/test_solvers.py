@@ -162,8 +162,9 @@ def test_multistart_batch_matches_its_own_starts() -> None:
     """Each context's MultiStart result equals the inner solver run from that context's starts alone."""
     objective, x, starts = Rosenbrock(), _contexts(3, 2, seed=2), 4
     inner = LBFGS(steps=30)
-    result = MultiStart(inner, starts=starts, seed=11).solve(objective, x)
-    points = objective.random_points(3 * starts, like=x, generator=torch.Generator().manual_seed(11)).view(3, starts, 2)
+    multi = MultiStart(inner, starts=starts, seed=11)
+    result = multi.solve(objective, x)
+    points = multi.starting_points(objective, x, like=x)
     for b in range(3):
         runs = [inner.solve(objective, x[b : b + 1], init=points[b, r : r + 1]) for r in range(starts)]
         best = min(runs, key=lambda run: float(run.value))
@@ -341,3 +342,66 @@ def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="MultiStart"):
         MultiStart(LBFGS(), starts=0)
     assert "LBFGS(steps=100" in repr(LBFGS())
+
+
+# --- honest answers: batch independence of MultiStart, convergence only at finite values, no drift on plateaus ---
+
+
+def test_multistart_answer_does_not_depend_on_the_batch() -> None:
+    """A context gets the same starts, so the same answer, alone, in a batch, and at another position in it."""
+    objective = DoubleWell()
+    x = torch.linspace(-2.0, 2.0, 24, dtype=torch.float64)[:, None]
+    solver = MultiStart(LBFGS(steps=60, tol=1e-10), starts=3, seed=5)
+    together = solver.solve(objective, x)
+    reversed_batch = solver.solve(objective, x.flip(0))
+    assert torch.equal(reversed_batch.y.flip(0), together.y)
+    for b in range(0, 24, 5):
+        alone = solver.solve(objective, x[b : b + 1])
+        assert torch.equal(alone.y, together.y[b : b + 1]), b
+    chunks = torch.cat([solver.solve(objective, x[i : i + 7]).y for i in range(0, 24, 7)])
+    assert torch.equal(chunks, together.y)  # the chunk size of a reference solve changes nothing
+
+
+class LogBarrier(Objective):
+    """f(y; x) = ‖y − x‖² − log(y₁): +inf or NaN for y₁ ≤ 0."""
+
+    dim = 2
+
+    def value(self, y: Tensor, x: Context) -> Tensor:
+        return ((y - x) ** 2).sum(-1) - torch.log(y[:, 0])
+
+
+@pytest.mark.parametrize("solver", [GradientDescent(steps=30, lr=0.1, tol=1e-3), Adam(steps=30, lr=0.1, tol=1e-3),
+                                    LBFGS(steps=30, tol=1e-3)], ids=["gd", "adam", "lbfgs"])
+def test_no_convergence_claimed_at_a_non_finite_value(solver: Solver) -> None:
+    objective = LogBarrier()
+    x = torch.tensor([[1.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    init = torch.tensor([[1.0, 0.0], [-1.0, 0.0]], dtype=torch.float64)  # the second starts outside the domain
+    result = solver.solve(objective, x, init=init)
+    assert not bool(result.converged[1])
+    assert result.reasons()[1] == "not_finite"
+    assert result.reasons()[0] in ("converged", "max_steps") and bool(torch.isfinite(result.value[0]))
+
+
+class Plateau(Objective):
+    """f(y) = 1 + 1e-9 ‖y‖²: in float32 every nearby value rounds to 1, though the gradient is not zero."""
+
+    dim = 3
+
+    def value(self, y: Tensor, x: Context) -> Tensor:
+        return 1.0 + 1e-9 * (y**2).sum(-1) + 0.0 * x.sum(-1)
+
+
+def test_lbfgs_stops_where_float32_makes_no_progress() -> None:
+    x = torch.zeros(4, 3)
+    init = torch.full((4, 3), 0.5)
+    result = LBFGS(steps=500, tol=1e-12).solve(Plateau(), x, init=init)
+    assert int(result.iterations.max()) < 10  # not drifting until `steps`
+    assert result.reasons() == ["no_progress"] * 4
+    assert not bool(result.converged.any())
+
+
+def test_stop_reasons_of_a_normal_run() -> None:
+    objective, x = Quadratic(), _contexts(3, 5)
+    assert LBFGS(steps=100, tol=1e-8).solve(objective, x).reasons() == ["converged"] * 3
+    assert GradientDescent(steps=2, lr=0.01, tol=1e-8).solve(objective, x).reasons() == ["max_steps"] * 3
