@@ -259,3 +259,30 @@ def test_help_explains_every_option(capsys):
     for option in ("--ckpt", "--contexts", "--out", "--tolerance", "--no-refine", "--no-fallback", "--ood_quantile",
                    "--ood_margin", "--ood_threshold", "--no-calibrate", "--batch_size", "--device"):
         assert option in out, option
+
+
+def test_an_unusable_out_path_is_refused_before_any_work(fitted, contexts, tmp_path, capsys):
+    ckpt = fitted / "checkpoints" / "best.ckpt"
+    torch.save(contexts, tmp_path / "x.pt")
+    (tmp_path / "a_file").write_text("not a folder")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        solve("--ckpt", ckpt, "--contexts", tmp_path / "x.pt", "--out", tmp_path / "a_file" / "y.csv")
+    captured = capsys.readouterr()
+    assert "cannot be written" in captured.err and "a_file" in captured.err
+    assert "contexts;" not in captured.out  # refused before solving: no summary was printed
+    err = run_failing(capsys, "--ckpt", ckpt, "--contexts", tmp_path / "x.pt", "--out", tmp_path / "x.pt")
+    assert "is the contexts file itself" in err
+    assert torch.equal(torch.load(tmp_path / "x.pt", weights_only=True).nan_to_num(), contexts.nan_to_num())
+    (tmp_path / "folder.csv").mkdir()
+    err = run_failing(capsys, "--ckpt", ckpt, "--contexts", tmp_path / "x.pt", "--out", tmp_path / "folder.csv")
+    assert "is a directory" in err
+
+
+def test_results_are_written_atomically(fitted, contexts, tmp_path, capsys):
+    ckpt = fitted / "checkpoints" / "best.ckpt"
+    torch.save(contexts, tmp_path / "x.pt")
+    for suffix in (".csv", ".npy", ".pt"):
+        solve("--ckpt", ckpt, "--contexts", tmp_path / "x.pt", "--out", tmp_path / f"out{suffix}")
+        assert (tmp_path / f"out{suffix}").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary file left

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -102,8 +104,8 @@ def run(args: Any) -> InferenceResult:
     from lightning_amor.loading import load_datamodule, load_module
 
     out = Path(args.out) if args.out else None
-    if out is not None and out.suffix not in FORMATS:
-        raise ContextFileError(f"--out {out}: unknown format {out.suffix!r}; use one of {', '.join(FORMATS)}")
+    if out is not None:
+        check_output(out, args.contexts)  # before any work: a solve must never be lost at the end
     contexts = read_contexts(args.contexts)
     module = load_module(args.ckpt, map_location=args.device)
     datamodule = _datamodule(load_datamodule, args.ckpt)
@@ -125,6 +127,30 @@ def run(args: Any) -> InferenceResult:
     else:
         print("(no --out given: nothing written)")
     return result
+
+
+def check_output(out: Path, contexts: Union[str, Path]) -> None:
+    """Refuse an ``--out`` path that could not be written, or that would overwrite the contexts file, before any
+    work is done.
+
+    Raises:
+        ContextFileError: naming the path and what is wrong (unknown format, the contexts file itself, a folder,
+            a folder that cannot be created or written).
+    """
+    if out.suffix not in FORMATS:
+        raise ContextFileError(f"--out {out}: unknown format {out.suffix!r}; use one of {', '.join(FORMATS)}")
+    if out.exists() and Path(contexts).exists() and out.resolve() == Path(contexts).resolve():
+        raise ContextFileError(f"--out {out} is the contexts file itself; write the results to another file")
+    if out.is_dir():
+        raise ContextFileError(f"--out {out} is a directory; name a file such as {out / ('solutions' + out.suffix)}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
+    except OSError as err:
+        raise ContextFileError(f"--out {out} cannot be written ({err.strerror or err}); choose a writable folder") from err
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ContextFileError(f"--out {out} exists and is read-only; choose another file or make it writable")
 
 
 def _datamodule(load_datamodule: Any, ckpt: str) -> Optional[Any]:
@@ -313,9 +339,23 @@ def match_shape(
 
 
 def write_results(result: InferenceResult, path: Union[str, Path]) -> None:
-    """Write the solutions and certificates: .csv, .npy (structured array) or .pt (dict), by ``path``'s suffix."""
+    """Write the solutions and certificates: .csv, .npy (structured array) or .pt (dict), by ``path``'s suffix.
+
+    Written to a temporary file beside ``path`` and then renamed over it, so an interrupted write never leaves a
+    truncated file under the final name."""
     path = Path(path)
+    if path.suffix not in FORMATS:
+        raise ContextFileError(f"--out {path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}{path.suffix}")
+    try:
+        _write(result, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write(result: InferenceResult, path: Path) -> None:
     columns = result.columns()
     if path.suffix == ".pt":
         saved: dict[str, Any] = {k: (v.cpu() if isinstance(v, Tensor) else list(v)) for k, v in columns.items()}
@@ -331,7 +371,8 @@ def write_results(result: InferenceResult, path: Union[str, Path]) -> None:
         table = np.zeros(len(result), dtype=dtype)
         for name, array in arrays.items():
             table[name] = array
-        np.save(path, table, allow_pickle=False)
+        with open(path, "wb") as handle:  # np.save on a name would append ".npy" to the temporary name
+            np.save(handle, table, allow_pickle=False)
         return
     if path.suffix == ".csv":
         with open(path, "w", newline="") as handle:
@@ -339,8 +380,6 @@ def write_results(result: InferenceResult, path: Union[str, Path]) -> None:
             writer.writerow(list(arrays))
             for i in range(len(result)):
                 writer.writerow([_cell(array[i]) for array in arrays.values()])
-        return
-    raise ContextFileError(f"--out {path}: unknown format {path.suffix!r}; use one of {', '.join(FORMATS)}")
 
 
 def _cell(value: Any) -> str:
