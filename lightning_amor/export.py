@@ -171,6 +171,11 @@ def trace_inference(module: AmortizedModule, example: Tensor, dynamic_batch: boo
     return graph
 
 
+# torch's ScalarType codes, in order (TorchScript represents a dtype by its code)
+_SCRIPT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.float32,
+                  torch.float64, torch.complex32, torch.complex64, torch.complex128, torch.bool)
+
+
 class _CheckedInput(nn.Module):
     """Checks the contexts' shape and dtype with a clear message, then runs the traced graph (TorchScript)."""
 
@@ -180,6 +185,9 @@ class _CheckedInput(nn.Module):
         self.feature_shape = feature_shape
         self.batch = batch  # -1: any batch size
         self.dtype = dtype
+        # TorchScript formats a dtype as its integer code ("6"); the messages use these names instead
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.dtype_names = {int(code): str(t).removeprefix("torch.") for code, t in enumerate(_SCRIPT_DTYPES)}
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != len(self.feature_shape) + 1 or list(x.shape[1:]) != self.feature_shape:
@@ -194,7 +202,11 @@ class _CheckedInput(nn.Module):
                 f"that depends on the batch size), got a batch of {x.shape[0]}"
             )
         if x.dtype != self.dtype:
-            raise ValueError(f"this exported amortizer takes {self.dtype} contexts, got {x.dtype}")
+            got = self.dtype_names.get(int(x.dtype), "another dtype")
+            raise ValueError(
+                "this exported amortizer takes " + self.dtype_name + " contexts, got " + got
+                + "; convert them first (e.g. x.to(torch." + self.dtype_name + "))"
+            )
         return self.graph(x)
 
 
@@ -385,7 +397,11 @@ class ExportedAmortizer:
         if self.format == "onnx":
             return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().cpu().numpy()})[0])
         with torch.no_grad():
-            return self.scripted(x)
+            try:
+                return self.scripted(x)
+            except torch.jit.Error as err:  # the input checks' message, without TorchScript's traceback
+                last = str(err).strip().splitlines()[-1]
+                raise ValueError(f"{self.path}: {last.removeprefix('builtins.ValueError: ')}") from None
 
 
 def check_export(
