@@ -21,14 +21,15 @@ class InnerUpdate(nn.Module):
     """One step of an inner optimizer on a ``B x n`` iterate.
 
     Subclasses implement :meth:`init_state` and :meth:`forward`; ``t`` is the step index from 0. ``grad`` is the
-    gradient of the objective's :meth:`~lightning_amor.objective.Objective.inner_value` (the smooth part of a
+    gradient of f (of :meth:`~lightning_amor.objective.Objective.smooth_projected`, the smooth part of a
     composite objective); ``objective`` is passed so that an update can use the problem's own operators (the
     proximal operator of a composite objective's nonsmooth part, say).
     """
 
     proximal: bool = False
-    """Whether ``grad`` is the gradient of the smooth part only (:meth:`Objective.smooth_projected`), the update
-    applying the nonsmooth part's prox itself (``objective.prox_flat``); ``False``: the gradient of all of f."""
+    """Whether ``grad`` is the gradient of the smooth part only
+    (:meth:`~lightning_amor.objective.Objective.smooth_projected`), the update applying the nonsmooth part's prox
+    itself (``objective.prox_flat``); ``False``: the gradient of all of f."""
 
     def init_state(self, y: Tensor) -> Any:
         """The optimizer state before the first step (``None`` when stateless)."""

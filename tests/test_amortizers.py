@@ -126,3 +126,10 @@ def test_good_arguments_are_accepted(kwargs: dict) -> None:
     kwargs = {"steps": 3, **kwargs}
     model = SemiAmortized(LearnedConstant(2), **kwargs)
     assert model.gradient == kwargs.get("gradient", "unroll")
+
+
+def test_implicit_gradient_refuses_a_proximal_update() -> None:
+    from lightning_amor import ProximalStep
+
+    with pytest.raises(ValueError, match="implicit.*ProximalStep"):
+        SemiAmortized(MLP(2, 2), steps=3, update=ProximalStep(), gradient="implicit", shrinkage=1.0)
