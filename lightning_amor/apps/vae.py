@@ -30,13 +30,11 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from lightning_amor.amortizers import AmortizedOutput, Amortizer, SemiAmortized
-from lightning_amor.inference import Fallback
+from lightning_amor.fallback import Fallback
 from lightning_amor.losses import AmortizationLoss
-from lightning_amor.metrics import AmortizationMetrics
-from lightning_amor.module import AmortizedModule, unpack_batch
+from lightning_amor.module import AmortizedModule, Evaluated
 from lightning_amor.objective import Context, Objective, ObjectiveShapeError
 from lightning_amor.solvers import Adam, Callback, Solver, SolverResult
 
@@ -372,7 +370,8 @@ class VAEModule(AmortizedModule):
     Logged on the validation and test sets, besides the core metrics (``objective`` = mean −ELBO of the
     prediction, ``gap`` = the amortization gap when ``refine`` is set): ``elbo`` (mean ELBO of the
     prediction), ``kl`` and ``reconstruction`` (its two parts, −ELBO = reconstruction + KL) and, with
-    ``refine``, ``elbo_refined`` (mean ELBO after the solver). With a TensorBoard logger, the first
+    ``refine``, ``elbo_refined`` (mean ELBO after the solver), all by the public
+    :meth:`~lightning_amor.module.AmortizedModule.evaluation_metrics` hook. With a TensorBoard logger, the first
     ``num_images`` validation images are shown at every validation with their reconstructions (the
     decoded posterior means) from the prediction and, with ``refine``, from the refined solution.
 
@@ -382,6 +381,9 @@ class VAEModule(AmortizedModule):
         num_images: images shown in TensorBoard (0: none).
         loss, optimizer, lr_scheduler, nonfinite, refine, inference: as :class:`~lightning_amor.AmortizedModule`;
             ``refine`` (and the ``inference`` policy's solver) is typically :class:`SVI`.
+        objective_optimizer, objective_lr_scheduler: as :class:`~lightning_amor.AmortizedModule`: the decoder's
+            own optimizer and scheduler (two learning rates, say); it then learns from −ELBO at the encoder's
+            prediction, and the encoder from −ELBO with the decoder held constant.
     """
 
     def __init__(
@@ -395,48 +397,39 @@ class VAEModule(AmortizedModule):
         refine: Optional[Solver] = None,
         num_images: int = 16,
         inference: Optional[Fallback] = None,
+        objective_optimizer: Optional[OptimizerCallable] = None,
+        objective_lr_scheduler: Optional[LRSchedulerCallable] = None,
     ) -> None:
         if not isinstance(objective, ELBOObjective):
             raise TypeError(f"VAEModule needs an ELBOObjective, got {type(objective).__name__}")
-        super().__init__(objective, amortizer, loss, optimizer, lr_scheduler, nonfinite, refine, inference)
+        super().__init__(
+            objective, amortizer, loss, optimizer, lr_scheduler, nonfinite, refine, inference,
+            objective_optimizer=objective_optimizer, objective_lr_scheduler=objective_lr_scheduler,
+        )
         self.num_images = num_images
-        names = ("elbo", "kl", "reconstruction", "elbo_refined")
-        self.val_parts = nn.ModuleDict({n: MeanMetric() for n in names})
-        self.test_parts = nn.ModuleDict({n: MeanMetric() for n in names})
         self._shown: Optional[list[Tensor]] = None
 
-    def _evaluate(self, batch: Any, metrics: AmortizationMetrics) -> tuple[Context, Tensor]:
-        x, y_star = unpack_batch(batch)
-        parts = self.val_parts if metrics is self.val_metrics else self.test_parts
-        y, elapsed_ms = self.timed_prediction(x)
-        reconstruction, kl = self.objective.parts(y, x)
-        f_pred = reconstruction + kl
-        y_star = self.reference_solutions(x, y, y_star)
-        f_star = self.objective(y_star, x) if y_star is not None else None
-        distance = self.objective.distance(y, y_star) if y_star is not None else None
-        metrics.update(f_pred, f_star, distance, None, elapsed_ms)
-        parts["elbo"].update(-f_pred)
-        parts["kl"].update(kl)
-        parts["reconstruction"].update(reconstruction)
-        if f_star is not None:
-            parts["elbo_refined"].update(-f_star)
-        if metrics is self.val_metrics and self._shown is None and self.num_images > 0:
-            shown = slice(0, self.num_images)
-            rows = [x[shown], self.objective.decode_mean(y[shown], x[shown])]
-            if y_star is not None:
-                rows.append(self.objective.decode_mean(y_star[shown], x[shown]))
-            self._shown = [r.detach() for r in rows]
-        return x, y
+    def evaluation_metrics(self, evaluated: Evaluated) -> dict[str, Tensor]:
+        """The ELBO of the prediction and its two parts, and the ELBO of the refined solution: each ``B``."""
+        kl = self.objective.kl(evaluated.y)
+        metrics = {"elbo": -evaluated.value, "kl": kl, "reconstruction": evaluated.value - kl}
+        if evaluated.reference_value is not None:
+            metrics["elbo_refined"] = -evaluated.reference_value
+        return metrics
 
-    def _log_metrics(self, prefix: str, metrics: AmortizationMetrics) -> None:
-        super()._log_metrics(prefix, metrics)
-        parts = self.val_parts if prefix == "val" else self.test_parts
-        for name, metric in parts.items():
-            if metric.update_count > 0:
-                self.log(f"{prefix}/{name}", metric.compute())
-            metric.reset()
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Keep the first validation batch's images and reconstructions for TensorBoard."""
+        if self._shown is not None or self.num_images <= 0:
+            return
+        x, y, y_star = outputs["x"], outputs["y"], outputs["y_star"]
+        shown = slice(0, self.num_images)
+        rows = [x[shown], self.objective.decode_mean(y[shown], x[shown])]
+        if y_star is not None:
+            rows.append(self.objective.decode_mean(y_star[shown], x[shown]))
+        self._shown = [r.detach() for r in rows]
 
     def on_validation_epoch_end(self) -> None:
+        """Log the metrics, and the images kept by :meth:`on_validation_batch_end` to TensorBoard."""
         super().on_validation_epoch_end()
         shown, self._shown = self._shown, None
         if shown is None or shown[0].dim() != 4 or self.global_rank != 0:
