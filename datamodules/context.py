@@ -6,23 +6,25 @@ import copy
 import hashlib
 import json
 import os
+import weakref
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Optional, Union
 
 import numpy as np
 import torch
 from pytorch_lightning import LightningDataModule
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from datamodules.loader import BatchIndexSampler, ResumableLoader
+from datamodules.stream import ContextStream, StreamLoader
 from lightning_amor.objective import Context, Objective, context_batch_size, context_index
 
 _STREAMS = {"train": 0, "val": 1, "test": 2, "pool": 3, "predict": 4}
 # Settings that do not change a fixed set's contexts (its own size enters the key separately).
 _NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "batches_per_epoch", "train_size",
-               "val_size", "test_size", "progress_bar")
+               "val_size", "test_size", "progress_bar", "stream")
 PROGRESS_DELAY_S = 2.0
 """Seconds before the progress bar of solving reference solutions appears (short solves print nothing)."""
 
@@ -36,48 +38,6 @@ def seeded_generator(*entropy: int) -> torch.Generator:
     """A CPU generator seeded from a tuple of integers (well mixed, so nearby tuples give unrelated streams)."""
     state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
-
-
-class BatchIndexSampler(DistributedSampler):
-    """Yields global batch indices for one rank: epoch ``e`` covers ``e*T .. e*T+T-1``, rank ``r`` takes every
-    ``world``-th of them starting at ``r``, so ranks never share a batch and their union is the single-process set.
-
-    With ``consumed`` (the number of training batches this rank has already processed, read when an epoch's
-    iterator is created) the stream continues where a restored run stopped, mid-epoch included; otherwise the
-    epoch set by :meth:`set_epoch` is used. It is a ``DistributedSampler`` so that Lightning keeps it instead of
-    wrapping it.
-    """
-
-    def __init__(
-        self, total: int, rank: int = 0, world: int = 1, repeat_epochs: bool = True,
-        consumed: Optional[Callable[[], Optional[int]]] = None,
-    ) -> None:
-        # DistributedSampler.__init__ needs a dataset and a process group; this sampler needs neither.
-        self.total = total
-        self.rank = rank
-        self.num_replicas = world
-        self.repeat_epochs = repeat_epochs
-        self.consumed = consumed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch whose batches to yield when no ``consumed`` count is given (called by Lightning)."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        if not self.repeat_epochs:
-            return iter(range(self.rank, self.total, self.num_replicas))
-        per_epoch = len(self)
-        start = self.consumed() if self.consumed is not None else None
-        if start is None:
-            start = self.epoch * per_epoch
-        end = (start // per_epoch + 1) * per_epoch
-        return (
-            (k // per_epoch) * self.total + self.rank + (k % per_epoch) * self.num_replicas for k in range(start, end)
-        )
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.total, self.num_replicas))
 
 
 class _FreshBatches(Dataset):
@@ -135,6 +95,9 @@ class ContextDataModule(LightningDataModule):
             ``"none"`` disables the cache.
         progress_bar: show a progress bar (on rank 0, after :data:`PROGRESS_DELAY_S` seconds) while the oracle
             solves reference solutions.
+        stream: draw training contexts from this :class:`~datamodules.stream.ContextStream` (a process with
+            state, e.g. a replay buffer fed by an environment) instead of :meth:`sample`; its state is saved in
+            every checkpoint. The validation and test sets still come from :meth:`sample_split`.
     """
 
     def __init__(
@@ -149,6 +112,7 @@ class ContextDataModule(LightningDataModule):
         num_workers: int = 0,
         cache_dir: Optional[str] = None,
         progress_bar: bool = True,
+        stream: Optional[ContextStream] = None,
     ) -> None:
         super().__init__()
         for name, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
@@ -162,7 +126,14 @@ class ContextDataModule(LightningDataModule):
             )
         if num_workers < 0:
             raise ValueError(f"{type(self).__name__}: num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters()
+        if stream is not None and (train_size is not None or num_workers > 0):
+            raise ValueError(
+                f"{type(self).__name__}: a context stream draws every training batch itself, in the training process "
+                f"(it may read the current model), so it takes neither a fixed pool nor workers; unset train_size "
+                f"and set num_workers to 0"
+            )
+        # The stream is an object with state, not a setting: its state goes into checkpoints through the loader.
+        self.save_hyperparameters(ignore=["stream"])
         self.batch_size = batch_size
         self.batches_per_epoch = batches_per_epoch
         self.train_size = train_size
@@ -173,6 +144,9 @@ class ContextDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.cache_dir = cache_dir
         self.progress_bar = progress_bar
+        self.stream = stream
+        # (trainer, the training loader made for it): weak, so that the data module keeps no worker processes alive
+        self._train_loader: Optional[tuple[object, weakref.ref]] = None
         self._objective: Optional[Objective] = None
         self._needs_target: Optional[bool] = None
         self._sets: dict[str, dict[str, Context]] = {}
@@ -248,7 +222,7 @@ class ContextDataModule(LightningDataModule):
         with tqdm(total=total, desc=description, unit="contexts", delay=PROGRESS_DELAY_S, disable=quiet) as bar:
             for start in starts:
                 part = context_index(x, slice(start, start + self.eval_batch_size))
-                chunks.append(self.objective.solve(part).detach().cpu())
+                chunks.append(self.objective.solve_flat(part).detach().cpu())
                 bar.update(context_batch_size(part))
         return torch.cat(chunks)
 
@@ -317,7 +291,7 @@ class ContextDataModule(LightningDataModule):
     def _sampling_copy(self) -> ContextDataModule:
         """A shallow copy without the trainer, objective and fixed sets, cheap to send to DataLoader workers."""
         clone = copy.copy(self)
-        clone.__dict__.update(trainer=None, _objective=None, _sets={})
+        clone.__dict__.update(trainer=None, _objective=None, _sets={}, _train_loader=None, stream=None)
         return clone
 
     def transfer_batch_to_device(self, batch: object, device: torch.device, dataloader_idx: int) -> object:
@@ -327,41 +301,62 @@ class ContextDataModule(LightningDataModule):
             return batch
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    # --- loaders --------------------------------------------------------------------------------
-    def _batches_consumed(self) -> Optional[int]:
-        """Training batches this rank has processed so far (restored with a checkpoint); ``None`` outside a fit."""
-        fit_loop = getattr(self.trainer, "fit_loop", None)
-        return None if fit_loop is None else fit_loop.epoch_loop.batch_progress.total.processed
-
-    def _loader(self, dataset: Dataset, total: int, repeat_epochs: bool, sharded: bool = True) -> DataLoader:
+    # --- loaders -----------------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, total: int, repeat_epochs: bool, sharded: bool = True,
+                consumed: int = 0) -> DataLoader:
         rank, world = self._rank_world() if sharded else (0, 1)
-        consumed = self._batches_consumed if repeat_epochs and self.trainer is not None else None
-        return DataLoader(
+        loader_class = ResumableLoader if repeat_epochs else DataLoader
+        extra = {"consumed": consumed} if repeat_epochs else {}
+        return loader_class(
             dataset,
             batch_size=None,
-            sampler=BatchIndexSampler(total, rank, world, repeat_epochs, consumed),
+            sampler=BatchIndexSampler(total, rank, world, repeat_epochs),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             # The loader's own generator seeds its iterators (and workers), so iterating a loader — a validation,
             # say — does not draw from the global generator that training's random numbers come from. The batches
             # themselves are seeded by their index.
             generator=torch.Generator().manual_seed(self.seed),
+            **extra,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        """Batches of ``batch_size`` training contexts (with ``y_star`` from the pool when the loss needs them)."""
-        _, world = self._rank_world()
-        if self.train_size is None:
+    def _consumed_so_far(self) -> Optional[int]:
+        """Training batches handed out by this trainer's previous training loader (``None``: start afresh).
+
+        A loader reloaded during a fit (``reload_dataloaders_every_n_epochs``) continues where the previous one
+        stopped; a new fit, or a loader made without a trainer, starts the stream from its beginning (a resumed
+        fit then moves it on through the checkpointed state, see :class:`~datamodules.loader.ResumableLoader`).
+        """
+        if self.trainer is None or self._train_loader is None or self._train_loader[0] is not self.trainer:
+            return None
+        previous = self._train_loader[1]()
+        return None if previous is None else previous.consumed
+
+    def train_dataloader(self) -> Union[ResumableLoader, StreamLoader]:
+        """Batches of ``batch_size`` training contexts (with ``y_star`` from the pool when the loss needs them),
+        from the stream when there is one; a stateful loader whose position (and stream) checkpoints keep."""
+        rank, world = self._rank_world()
+        consumed = self._consumed_so_far()
+        if self.stream is not None:
+            if consumed is None:
+                self.stream.setup(self.seed, rank, world)
+            module = (lambda: self.trainer.lightning_module) if self.trainer is not None else (lambda: None)
+            loader = StreamLoader(self.stream, self.batch_size, self.batches_per_epoch, module, consumed or 0)
+        elif self.train_size is None:
             dataset = _FreshBatches(self._sampling_copy(), self.batch_size, self.seed)
-            return self._loader(dataset, self.batches_per_epoch * world, True)
-        pool = self._sets["pool"]
-        dataset = _FixedBatches(pool, self.batch_size, shuffle=True, seed=self.seed)
-        if dataset.per_epoch < world:
-            raise ValueError(
-                f"{type(self).__name__}: train_size={self.train_size} gives {dataset.per_epoch} batches of "
-                f"{self.batch_size}, fewer than the {world} ranks; raise train_size or lower batch_size"
-            )
-        return self._loader(dataset, dataset.per_epoch - dataset.per_epoch % world, True)
+            loader = self._loader(dataset, self.batches_per_epoch * world, True, consumed=consumed or 0)
+        else:
+            pool = self._sets["pool"]
+            dataset = _FixedBatches(pool, self.batch_size, shuffle=True, seed=self.seed)
+            if dataset.per_epoch < world:
+                raise ValueError(
+                    f"{type(self).__name__}: train_size={self.train_size} gives {dataset.per_epoch} batches of "
+                    f"{self.batch_size}, fewer than the {world} ranks; raise train_size or lower batch_size"
+                )
+            total = dataset.per_epoch - dataset.per_epoch % world
+            loader = self._loader(dataset, total, True, consumed=consumed or 0)
+        self._train_loader = (self.trainer, weakref.ref(loader))
+        return loader
 
     def _eval_loader(self, split: str) -> DataLoader:
         # Each rank evaluates every world-th context, so every rank has work and the metrics' sums over

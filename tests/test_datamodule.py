@@ -85,12 +85,11 @@ def test_same_seed_same_batches_across_runs_and_worker_counts(tmp_path):
 
 def test_different_batch_indices_give_different_contexts(tmp_path):
     data = make_data(tmp_path, cache_dir="none", batches_per_epoch=6)
-    rows = torch.cat([b["x"] for b in train_batches(data)])
+    loader = data.train_dataloader()
+    rows = torch.cat([b["x"] for b in loader])
     assert rows.shape == (48, 16)
     assert torch.unique(rows, dim=0).shape[0] == 48
-    # the next epoch continues with new batch indices, so new contexts
-    loader = data.train_dataloader()
-    loader.sampler.set_epoch(1)
+    # iterated again, the loader continues with the next epoch's batch indices, so new contexts
     next_epoch = torch.cat([b["x"] for b in loader])
     assert torch.unique(torch.cat([rows, next_epoch]), dim=0).shape[0] == 96
 
