@@ -45,6 +45,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: `datamodules` li
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.results import cpu_name, write_section  # noqa: E402
+from lightning_amor.commands.recipes import recipe_configs  # noqa: E402
 from lightning_amor.export import (  # noqa: E402
     SUFFIXES,
     ExportedAmortizer,
@@ -121,7 +122,8 @@ def default_checkpoints(work: Path) -> list[Path]:
     os.chdir(work)  # the recipe writes runs/sphere/semi_sum_regression/... relative to the working directory
     try:
         cli_main([
-            "fit", "--config", str(ROOT / "recipes" / "sphere" / "semi_sum_regression.yaml"),
+            "fit", *(arg for config in recipe_configs(ROOT / "recipes" / "sphere" / "semi_sum_regression.yaml")
+                     for arg in ("--config", str(config))),
             "--trainer.max_steps=300", "--trainer.val_check_interval=300", "--trainer.logger=false",
             "--model.init_args.lr_scheduler.init_args.T_max=300", "--data.init_args.train_size=2048",
             "--data.init_args.batch_size=256", "--data.init_args.val_size=256",

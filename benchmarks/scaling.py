@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from datamodules.context import ContextDataModule  # noqa: E402
 from lightning_amor.cli import PROGRESS_REFRESH, AmortCLI  # noqa: E402
+from lightning_amor.commands.recipes import recipe_configs  # noqa: E402
 from lightning_amor.module import AmortizedModule, unpack_batch  # noqa: E402
 
 
@@ -50,10 +51,15 @@ class StepTimer(Callback):
             self.count += 1
 
 
+def config_args(recipe: str) -> list[str]:
+    """The ``--config`` arguments that run ``recipe`` (the shared trainer settings first, as its comment says)."""
+    return [arg for config in recipe_configs(Path(recipe)) for arg in ("--config", str(config))]
+
+
 def build(recipe: str, overrides: list[str]) -> tuple[AmortizedModule, ContextDataModule, dict]:
     cli = AmortCLI(
         AmortizedModule, ContextDataModule, subclass_mode_model=True, subclass_mode_data=True, run=False,
-        args=["--config", recipe, *overrides], auto_configure_optimizers=False,
+        args=[*config_args(recipe), *overrides], auto_configure_optimizers=False,
     )
     return cli.model, cli.datamodule, cli.config.as_dict()
 
@@ -116,7 +122,7 @@ def ddp_throughput(recipe: str, devices: int, steps: int, batch: int, root: Path
         "main(sys.argv[1:])\n"
     )
     args = [
-        sys.executable, str(script), "fit", "--config", recipe, "--trainer.accelerator", "cpu",
+        sys.executable, str(script), "fit", *config_args(recipe), "--trainer.accelerator", "cpu",
         "--trainer.devices", str(devices), "--trainer.strategy", "ddp" if devices > 1 else "auto",
         "--trainer.max_steps", str(20 + steps), "--trainer.limit_val_batches", "0",
         "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",

@@ -1,6 +1,7 @@
 """A screenshot of TensorBoard's images tab, taken with headless Chromium against a local ``tensorboard`` server.
 
-    lightning-amor fit --config recipes/sphere/semi_objective.yaml       # writes runs/sphere/semi_objective/
+    # writes runs/sphere/semi_objective/:
+    lightning-amor fit --config recipes/_base/trainer.yaml --config recipes/sphere/semi_objective.yaml
     python benchmarks/tensorboard_screenshot.py --logdir runs/sphere/semi_objective/tensorboard \\
         --tag sphere_contours --out docs/images/tensorboard_sphere.png
 

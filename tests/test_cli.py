@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lightning_amor.cli import main
+from tests.test_recipes import recipe_args
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_RECIPE = REPO / "recipes" / "sphere" / "full_objective.yaml"
@@ -155,7 +156,7 @@ def test_an_unknown_key_in_a_shipped_recipe_is_named(tmp_path, capsys):
 
 
 def test_a_wrong_type_on_the_command_line_is_named(capsys):
-    message = run_expecting_failure(["fit", "--config", str(SHIPPED_RECIPE), "--trainer.max_steps", "many"], capsys)
+    message = run_expecting_failure(["fit", *recipe_args(SHIPPED_RECIPE), "--trainer.max_steps", "many"], capsys)
     assert 'Parser key "trainer.max_steps"' in message and "many" in message
 
 
@@ -171,7 +172,7 @@ def test_last_checkpoint_holds_the_final_weights_between_periodic_saves(tmp_path
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "sphere" / "full_objective.yaml"
     main(args=[
-        "fit", "--config", str(recipe), "--trainer.max_steps", "7", "--trainer.val_check_interval", "7",
+        "fit", *recipe_args(recipe), "--trainer.max_steps", "7", "--trainer.val_check_interval", "7",
         "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false",
         "--data.init_args.val_size", "16", "--data.init_args.test_size", "16",
         "--data.init_args.cache_dir", str(tmp_path / "cache"),
@@ -187,7 +188,7 @@ def test_the_default_progress_bar_redraws_every_few_steps():
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "sphere" / "full_objective.yaml"
     cli = AmortCLI(AmortizedModule, ContextDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   run=False, args=["--config", str(recipe)])
+                   run=False, args=recipe_args(recipe))
     assert cli.trainer.progress_bar_callback.refresh_rate == PROGRESS_REFRESH > 1
 
 
@@ -198,7 +199,16 @@ def test_a_single_callback_on_the_command_line_keeps_the_default_progress_bar():
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "sphere" / "full_objective.yaml"
     cli = AmortCLI(AmortizedModule, ContextDataModule, subclass_mode_model=True, subclass_mode_data=True,
-                   run=False, args=["--config", str(recipe), "--trainer.callbacks",
+                   run=False, args=[*recipe_args(recipe), "--trainer.callbacks",
                                     "pytorch_lightning.callbacks.LearningRateMonitor"])
     names = {type(callback).__name__ for callback in cli.trainer.callbacks}
     assert {"LearningRateMonitor", "TQDMProgressBar"} <= names
+
+
+def test_a_recipe_run_without_its_shared_base_is_refused(capsys):
+    recipe = REPO / "recipes" / "sphere" / "full_objective.yaml"
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(recipe), "--trainer.max_steps", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "recipes/_base/trainer.yaml" in err and "full_objective.yaml" in err and "not given before it" in err

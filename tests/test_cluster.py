@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.test_faults import EVERY, FOREVER, RECIPE, finish, fit_args, output, start, wait_until
+from tests.test_recipes import recipe_args
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "recipes" / "cluster"
@@ -46,7 +47,7 @@ def test_the_sbatch_file_asks_for_a_warning_signal_and_requeue_and_runs_ddp():
     last_directive = max(i for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
     assert last_directive < first_command, "sbatch ignores #SBATCH lines after the first command"
     launch = " ".join(text.split("srun", 1)[1].replace("\\\n", " ").split())
-    for part in ("lightning-amor fit --config \"$recipe\"", "--trainer.num_nodes \"$nodes\"",
+    for part in ("lightning-amor fit \"${configs[@]}\"", "--trainer.num_nodes \"$nodes\"",
                  "--trainer.devices \"$tasks_per_node\"", "--trainer.strategy ddp", "--ckpt_path last \"$@\""):
         assert part in launch, f"{part!r} is not in the srun line: {launch}"
 
@@ -54,8 +55,31 @@ def test_the_sbatch_file_asks_for_a_warning_signal_and_requeue_and_runs_ddp():
 def test_the_torchrun_script_uses_a_rendezvous_and_resumes():
     launch = " ".join(TORCHRUN.read_text().split("exec torchrun", 1)[1].replace("\\\n", " ").split())
     for part in ("--rdzv_backend c10d", "--rdzv_endpoint", "--rdzv_id", "--nnodes \"$nnodes\"",
-                 "-m lightning_amor.cli fit", "--trainer.strategy ddp", "--ckpt_path last \"$@\""):
+                 "-m lightning_amor.cli fit \"${configs[@]}\"", "--trainer.strategy ddp", "--ckpt_path last \"$@\""):
         assert part in launch, f"{part!r} is not in the torchrun line: {launch}"
+
+
+@pytest.mark.parametrize("script", [SBATCH, TORCHRUN], ids=lambda p: p.name)
+def test_the_scripts_compose_the_shared_settings_before_the_recipe(script, tmp_path, monkeypatch):
+    """srun and torchrun replaced by stand-ins that print their arguments: the recipe runs as its listing shows it."""
+    for tool in ("srun", "torchrun"):
+        (tmp_path / tool).write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
+        (tmp_path / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    cluster = {"SLURM_JOB_NUM_NODES": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "1", "NPROC_PER_NODE": "1"}
+    recipe = "recipes/sphere/full_objective.yaml"
+
+    def launched(**env: str) -> list[str]:
+        run = subprocess.run(["bash", str(script), recipe, "--trainer.max_steps", "9"], capture_output=True,
+                             text=True, cwd=REPO, env={**os.environ, **cluster, **env}, timeout=30)
+        assert run.returncode == 0, run.stderr
+        args = run.stdout.splitlines()
+        return args[args.index("fit") + 1:]
+
+    args = launched()
+    assert [Path(a).resolve() for a in args[1:4:2]] == [REPO / "recipes" / "_base" / "trainer.yaml", REPO / recipe]
+    assert args[0] == args[2] == "--config" and args[-2:] == ["--trainer.max_steps", "9"]
+    assert launched(BASE_CONFIG="")[:2] == ["--config", recipe]  # a recipe of one's own, alone
 
 
 def free_port() -> int:
@@ -94,11 +118,11 @@ def test_torchrun_on_two_cpu_processes_preempts_both_ranks_and_resumes(tmp_path,
 
     def launch(max_steps: int) -> subprocess.Popen:
         args = fit_args(tmp_path, tmp_path / "cache", max_steps)
-        assert args[:3] == ["fit", "--config", str(RECIPE)]
+        assert args[:5] == ["fit", *recipe_args(RECIPE)]  # the script composes the same two configs
         # keep the script's own process layout (the shared overrides would set one device and no strategy)
         layout = {"--trainer.devices", "--trainer.num_nodes", "--trainer.strategy"}
         args = [a for i, a in enumerate(args) if a not in layout and (i == 0 or args[i - 1] not in layout)]
-        return start(["--trainer.accelerator", "cpu", *args[3:]], tmp_path,
+        return start(["--trainer.accelerator", "cpu", *args[5:]], tmp_path,
                      command=["bash", str(TORCHRUN), str(RECIPE)])
 
     # 1. a signal to rank 1 only stops both ranks at the same step, after one checkpoint

@@ -27,10 +27,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from datamodules import SphereContexts
 from lightning_amor import MLP, AmortizedModule, FullyAmortized
 from lightning_amor.apps.sphere import SphereObjective
-from lightning_amor.callbacks import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from lightning_amor.cli import main
 from lightning_amor.module import BadCheckpointError
-from tests.test_recipes import smoke_overrides
+from lightning_amor.preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
+from tests.test_recipes import recipe_args, smoke_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "sphere" / "full_objective.yaml"
@@ -57,7 +57,7 @@ def fit_args(work: Path, cache: Path, max_steps: int, hidden: str = "[32]") -> l
         "dirpath": str(work / "checkpoints"), "every_n_train_steps": EVERY, "save_top_k": 0, "save_last": True,
         "monitor": None}}  # a list item of the same class keeps the recipe's other arguments unless given
     return [
-        "fit", "--config", str(RECIPE), *smoke_overrides(RECIPE, work),
+        "fit", *recipe_args(RECIPE), *smoke_overrides(RECIPE, work),
         "--data.init_args.cache_dir", str(cache), "--trainer.limit_val_batches", "0",
         "--trainer.enable_model_summary", "false", "--trainer.max_steps", str(max_steps),
         "--trainer.callbacks", json.dumps([periodic]), HIDDEN, hidden,

@@ -1,4 +1,10 @@
-"""``lightning-amor recipes``: list the shipped recipes by application, with what each does and how to run it."""
+"""``lightning-amor recipes``: list the shipped recipes by application, with what each does and how to run it.
+
+A recipe composes with the shared trainer settings of ``recipes/_base/`` (the logger and the checkpoints): its
+leading comment names the command that runs it, ``lightning-amor fit --config recipes/_base/trainer.yaml --config
+recipes/<application>/<recipe>.yaml``, and :func:`recipe_configs` returns those ``--config`` files. Folders and files
+whose names start with ``_`` hold such shared settings and are not recipes.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +30,10 @@ class RecipesNotFoundError(FileNotFoundError):
     """The recipes folder does not exist (an install without a repository checkout, or a wrong ``--dir``)."""
 
 
+SHARED_PREFIX = "_"
+"""Folders and files under the recipes folder whose names start with it are shared settings, not recipes."""
+
+
 @dataclass
 class Recipe:
     """One recipe file and what its leading comment block says.
@@ -32,11 +42,13 @@ class Recipe:
         path: the YAML file.
         summary: one line: the comment's first clause (up to its first ``: `` or ``. ``).
         commands: the ``lightning-amor ...`` lines of the comment (``fit --config <path>`` when there are none).
+        configs: the ``--config`` files of its first command, in order (the shared bases, then the recipe).
     """
 
     path: Path
     summary: str
     commands: list[str] = field(default_factory=list)
+    configs: list[Path] = field(default_factory=list)
 
 
 def default_recipes_dir() -> Path:
@@ -63,21 +75,62 @@ def _summary(prose: str) -> str:
     return (prose[: match.start()] if match else prose).strip()
 
 
-def read_recipe(path: Path, shown_as: Optional[str] = None) -> Recipe:
-    """Parse ``path``'s leading comment block; ``shown_as`` (default: ``path``) is the ``--config`` of its commands.
+def _resolve_config(written: str, recipe: Path) -> Optional[Path]:
+    """The file that a ``--config`` of ``recipe``'s comment names: the recipe itself, or ``written`` (a path relative
+    to the repository root, e.g. ``recipes/_base/trainer.yaml``) below the nearest folder above ``recipe`` that holds
+    it; None when no such file exists."""
+    for folder in recipe.resolve().parents:
+        candidate = folder / written
+        if candidate.is_file():
+            return candidate
+    return recipe if Path(written).name == recipe.name else None
 
-    A recipe without a leading comment is still listed, with :data:`NO_DESCRIPTION` as its summary.
+
+def read_recipe(path: Path, shown_as: Optional[str] = None) -> Recipe:
+    """Parse ``path``'s leading comment block; its commands show ``path`` as ``shown_as`` (default: ``path``) and the
+    other ``--config`` files they name (the shared bases) the same way (relative to the current folder when below it).
+
+    A recipe without a leading comment is still listed, with :data:`NO_DESCRIPTION` as its summary, and runs alone.
+
+    Raises:
+        FileNotFoundError: the first command names a ``--config`` file that is found in no folder above the recipe.
     """
     comment = _leading_comment(path.read_text(encoding="utf-8"))
     prose = " ".join(line for line in comment if line and not line.startswith("lightning-amor "))
     commands = [line for line in comment if line.startswith("lightning-amor ")]
     shown = shown_as or str(path)
     if not commands:
-        commands = [f"lightning-amor fit --config {shown}"]
-    else:
-        # the recipes name themselves relative to the repository root: point the commands at the shown path
-        commands = [re.sub(r"(--config\s+)\S+", lambda match: match.group(1) + shown, command) for command in commands]
-    return Recipe(path=path, summary=_summary(prose) if prose else NO_DESCRIPTION, commands=commands)
+        return Recipe(path=path, summary=_summary(prose) if prose else NO_DESCRIPTION,
+                      commands=[f"lightning-amor fit --config {shown}"], configs=[path])
+
+    def show(match: re.Match) -> str:
+        found = _resolve_config(match.group(2), path)
+        if found is None:
+            return match.group(0)
+        return match.group(1) + (shown if found.resolve() == path.resolve() else _display_path(found))
+
+    # the recipes name their files relative to the repository root: point the commands at the shown paths
+    shown_commands = [re.sub(r"(--config\s+)(\S+)", show, command) for command in commands]
+    written = re.findall(r"--config\s+(\S+)", commands[0])
+    missing = [name for name in written if _resolve_config(name, path) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"the recipe {path} is run with --config {' --config '.join(missing)} (the command in its comment), "
+            "which is found in no folder above the recipe; keep the recipes folder's layout (recipes/_base/ beside "
+            "the applications' folders) or fix the command line in the recipe's comment"
+        )
+    return Recipe(path=path, summary=_summary(prose) if prose else NO_DESCRIPTION, commands=shown_commands,
+                  configs=[_resolve_config(name, path) for name in written])
+
+
+def recipe_configs(path: Path) -> list[Path]:
+    """The ``--config`` files that run the recipe ``path``, in order: the shared settings its comment's first command
+    composes (``recipes/_base/trainer.yaml``), then the recipe; ``[path]`` for a recipe without a command line.
+
+    Raises:
+        FileNotFoundError: the command names a file that is found in no folder above the recipe.
+    """
+    return read_recipe(path).configs
 
 
 def application_summary(name: str) -> str:
@@ -103,6 +156,8 @@ def find_recipes(root: Path) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for path in sorted(root.rglob("*.yaml")):
         relative = path.relative_to(root)
+        if any(part.startswith(SHARED_PREFIX) for part in relative.parts):
+            continue  # shared settings (recipes/_base/), not a recipe
         group = relative.parts[0] if len(relative.parts) > 1 else "other"
         groups.setdefault(group, []).append(path)
     if not groups:
@@ -165,4 +220,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"unknown application(s) {unknown}; choose among {sorted(groups)}")
     if args.applications:
         groups = {name: groups[name] for name in args.applications}
-    print(format_listing(groups))
+    try:
+        print(format_listing(groups))
+    except FileNotFoundError as err:
+        parser.error(str(err))

@@ -1,4 +1,4 @@
-"""Training callbacks: a checkpoint on preemption signals."""
+"""Preemption: on SIGTERM or SIGUSR1, save ``last.ckpt`` at the next batch boundary and exit with status 75."""
 
 from __future__ import annotations
 
