@@ -99,7 +99,7 @@ def test_no_arguments_names_every_subcommand(capsys):
         main([])
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert "{fit,validate,test,predict,recipes,solve,export}" in err, err
+    assert "{fit,validate,test,predict,recipes,solve,export,evaluate}" in err, err
 
 
 @pytest.mark.parametrize("subcommand", list(TRAINER_SUBCOMMANDS))

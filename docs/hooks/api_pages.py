@@ -25,6 +25,7 @@ PAGE_ORDER = {
     "cli.md": "Command line",
     "inference.md": "Inference",
     "export.md": "Export",
+    "evaluate.md": "Evaluation",
     "figures.md": "Figures",
 }
 """Pages listed first in the navigation, in this order and with these short titles (when they exist); the others
