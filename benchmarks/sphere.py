@@ -6,8 +6,10 @@ evaluates the final weights on the data module's fixed test set (1024 seeded con
 training) against the oracle's global minimizers (``SphereObjective.solve``: a dense Fibonacci grid
 refined by multi-start L-BFGS). It prints, and writes as markdown into ``benchmarks/RESULTS.md``:
 
-* the median and 90th percentile of the geodesic angle between ŷ and y* (degrees),
-* the mean amortization gap f(ŷ) − f(y*),
+* the median and 90th percentile of the geodesic angle between ŷ and y* (degrees), the share of contexts more
+  than 10° away (in another basin: ``SphereObjective.basin_threshold``) and the mean amortization gap f(ŷ) − f(y*),
+  all from the library's evaluation (:func:`lightning_amor.evaluation.evaluate`, as ``lightning-amor evaluate``),
+* the speed-up at matched quality against the recipe's own solver (L-BFGS) from scratch, from the same evaluation,
 * the oracle time spent on the training labels (regression recipes; a pool shared by several recipes
   is solved once and its time is shown on each of them), and the training wall time (``Trainer.fit``,
   labels excluded, periodic validation included),
@@ -15,7 +17,9 @@ refined by multi-start L-BFGS). It prints, and writes as markdown into ``benchma
   next to the oracle's time for the same batch (median of repeats, timed in rounds interleaved with the
   amortizers so that the shared machine's load changes affect both alike), and their ratio (speed-up).
 
-Reference solutions are cached in a fresh temporary directory by default, so label times are real.
+The default recipe's whole evaluation (warm-start saving, gap quantiles, ...) follows the table, and its figures go
+to ``benchmarks/figures/sphere_<recipe>_*.png``. Reference solutions are cached in a fresh temporary directory by
+default, so label times are real.
 
     OMP_NUM_THREADS=1 python benchmarks/sphere.py            # the full benchmark (about 11 min on a 2-core CPU)
     OMP_NUM_THREADS=1 python benchmarks/sphere.py --quick    # smoke run: few steps, small pool, no RESULTS.md
@@ -48,6 +52,9 @@ from benchmarks.results import cpu_name, write_section  # noqa: E402
 from datamodules.context import ContextDataModule  # noqa: E402
 from lightning_amor.apps.sphere import SphereObjective  # noqa: E402
 from lightning_amor.cli import AmortCLI  # noqa: E402
+from lightning_amor.commands.recipes import recipe_configs  # noqa: E402
+from lightning_amor.evaluation import EvaluationReport, evaluate  # noqa: E402
+from lightning_amor.evaluation_figures import save_figures  # noqa: E402
 from lightning_amor.module import AmortizedModule  # noqa: E402
 
 RECIPE_DIR = ROOT / "recipes" / "sphere"
@@ -154,7 +161,8 @@ def build(name: str, args: argparse.Namespace, cache_dir: str) -> AmortCLI:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         run=False,
-        args=["--config", str(path), *recipe_overrides(path, args, cache_dir)],
+        args=[*(arg for config in recipe_configs(path) for arg in ("--config", str(config))),
+              *recipe_overrides(path, args, cache_dir)],
     )
 
 
@@ -222,15 +230,20 @@ def interleaved_times_ms(fns: dict[str, Callable[[], object]], rounds: int, per_
     return {key: statistics.median(values) for key, values in samples.items()}
 
 
-def quality(module: AmortizedModule, x: torch.Tensor, y_star: torch.Tensor) -> dict:
-    """Angular errors to the global minimizers (degrees) and the mean gap of a trained module on the test batch."""
-    module.eval()
-    objective = module.objective
-    with torch.no_grad():
-        y = module(x)
-        angle = objective.distance(y, y_star) * (180.0 / math.pi)
-        gap = objective(y, x) - objective(y_star, x)
-    return {"median": float(angle.median()), "p90": float(torch.quantile(angle, 0.9)), "gap": float(gap.mean())}
+def quality(report: EvaluationReport) -> dict:
+    """Angular errors to the global minimizers (degrees), the wrong-basin share, the mean gap and the speed-up at
+    matched quality of a trained module, from its evaluation on the test batch."""
+    angle = report.distance.double() * (180.0 / math.pi)
+    return {"median": float(angle.median()), "p90": float(torch.quantile(angle, 0.9)), "gap": report.gap_quantiles()[
+        "mean"], "wrong_basin": report.wrong_basin_share, "nonfinite": report.nonfinite, "report": report}
+
+
+def matched(report: EvaluationReport) -> str:
+    """The speed-up at matched quality as a table cell: ``k it, N×``, or a lower bound when never reached."""
+    k = report.matched_iteration
+    if k is None:
+        return f"not reached in {report.scratch.iterations_run} it (> {report.speedup:,.0f}×)"
+    return f"{k} it, {report.speedup:,.0f}×"
 
 
 def inference(module: AmortizedModule, x: torch.Tensor) -> Callable[[], object]:
@@ -260,8 +273,9 @@ def render(rows: list[dict], solver_ms: float, batch: int, meta: dict) -> str:
         "",
         f"Held-out set: the data modules' fixed test set ({batch} seeded contexts, seed 0, never used in training), "
         "evaluated with the final weights of each run against the oracle's global minimizers "
-        f"(`SphereObjective.solve`: a {meta['grid']}-point Fibonacci grid, then L-BFGS from its {meta['starts']} best "
-        "points). Angular error = geodesic angle between ŷ and y*; gap = mean f(ŷ) − f(y*). "
+        f"(`SphereObjective.solve`: a {meta['grid']}-point Fibonacci grid, then float64 L-BFGS from its "
+        f"{meta['starts']} lowest points at least {meta['separation']:g}° apart). Angular error = geodesic angle "
+        "between ŷ and y*; gap = mean f(ŷ) − f(y*). "
         "Labels = oracle time to solve a regression recipe's training pool (one shared pool, solved once, shown on "
         "each recipe that uses it). Train = `Trainer.fit` wall time without the labels (periodic validation "
         f"included, process start-up excluded). Inference = one batch of {batch}, `torch.no_grad`, "
@@ -270,20 +284,36 @@ def render(rows: list[dict], solver_ms: float, batch: int, meta: dict) -> str:
         "with the amortizers' predictions. Speed-up = oracle time / inference time. "
         f"Default recipe: `{DEFAULT_RECIPE}`. Timings come from a shared 2-core machine and are noisy.",
         "",
-        f"| recipe | model; loss | median err (°) | p90 err (°) | mean gap | labels (s) | train (s) "
-        f"| inference (ms / {batch}) | speed-up |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|",
+        f"| recipe | model; loss | median err (°) | p90 err (°) | > 10° (wrong basin) | mean gap | labels (s) "
+        f"| train (s) | inference (ms / {batch}) | speed-up vs oracle | L-BFGS from scratch to mean f(ŷ) |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         labels = fmt_seconds(r["labels_s"]) if r["labels"] else "—"
+        wrong = f"{100 * r['wrong_basin']:.1f}%" + (f" (+{r['nonfinite']} NaN ŷ left out)" if r["nonfinite"] else "")
         lines.append(
-            f"| `{r['name']}` | {r['description']} | {r['median']:.2f} | {r['p90']:.2f} | {r['gap']:.4f} | {labels} "
-            f"| {r['train_s']:.0f} | {r['infer_ms']:.2f} | {solver_ms / r['infer_ms']:.0f}× |"
+            f"| `{r['name']}` | {r['description']} | {r['median']:.2f} | {r['p90']:.2f} | {wrong} | {r['gap']:.4f} "
+            f"| {labels} | {r['train_s']:.0f} | {r['infer_ms']:.2f} | {solver_ms / r['infer_ms']:.0f}× "
+            f"| {matched(r['report'])} |"
         )
     lines.append(
-        f"| oracle | {meta['grid']}-point grid + {meta['starts']}-start L-BFGS (the reference) | 0 | 0 | 0 | — | — "
-        f"| {solver_ms:.0f} | 1× |"
+        f"| oracle | {meta['grid']}-point grid + {meta['starts']}-start L-BFGS (the reference) | 0 | 0 | 0% | 0 | — "
+        f"| — | {solver_ms:.0f} | 1× | — |"
     )
+    default = next((r for r in rows if r["name"] == DEFAULT_RECIPE), rows[0])
+    lines += [
+        "",
+        "L-BFGS from scratch = the recipes' own solver (`model.init_args.inference.solver`) from "
+        "`objective.initial_point`: the iterations and the speed-up (its time / the inference time) at which its "
+        "batch-mean f first reaches the model's mean f(ŷ) (`lightning_amor.evaluation`; a lower bound when it never "
+        "does: a single start ends in whichever basin it descends into).",
+        "",
+        f"### `{default['name']}`: the whole evaluation (as `lightning-amor evaluate` reports it)",
+        "",
+        default["report"].table(),
+        "",
+        f"Figures: `benchmarks/figures/sphere_{default['name']}_{{gap,speedup,warm_start}}.png`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -319,13 +349,16 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"[{name}] trained in {train_s:.0f} s ({cli.trainer.global_step} steps)", flush=True)
         trained.append((name, cli, labels_s, train_s))
 
-    # The held-out references: the oracle's global minimizers of the test batch (this solve is also the
-    # oracle's warm-up call for the timing below).
-    oracle = SphereObjective()
-    y_star = oracle.solve(test_x)
-    for name, cli, labels_s, train_s in trained:
+    # Quality, wrong basins and the speed-up at matched quality: the library's evaluation on the same test batch,
+    # against the oracle's global minimizers (solved once and cached by the data module).
+    for name, cli, labels_s, train_s in tqdm(trained, desc="evaluating", unit="recipe"):
+        report = evaluate(cli.model, cli.datamodule, repeats=args.solver_repeats, warmup=args.warmup, name=name)
         rows.append({"name": name, "description": describe(cli), "labels": cli.model.needs_target,
-                     "labels_s": labels_s, "train_s": train_s, **quality(cli.model, test_x, y_star)})
+                     "labels_s": labels_s, "train_s": train_s, **quality(report)})
+        if args.output:
+            save_figures(report, ROOT / "benchmarks" / "figures", f"sphere_{name}")
+    oracle = SphereObjective()
+    oracle.solve(test_x)  # the oracle's warm-up call for the timing below
 
     # Timing: the oracle once per round, each amortizer repeats/rounds times per round, interleaved.
     rounds = args.solver_repeats
@@ -353,6 +386,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "total_s": total_s,
         "grid": oracle.grid_points,
         "starts": oracle.starts,
+        "separation": oracle.separation,
         "warmup": args.warmup,
         "repeats": rounds * per_amortizer,
         "solver_repeats": args.solver_repeats,

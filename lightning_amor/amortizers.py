@@ -23,10 +23,15 @@ class AmortizedOutput:
         y: ``B x n`` final prediction, on the objective's domain.
         iterates: ``[ŷ^0, ..., ŷ^K]``, each ``B x n`` (``[y]`` for a fully amortized model, ``[ŷ^0, y]`` in
             implicit mode, whose intermediate iterates carry no gradient).
+        candidates: for a model that proposes several solutions per context and keeps one
+            (:class:`~lightning_amor.multi_hypothesis.MultiHypothesis`), the output of every candidate over the
+            contexts repeated ``k`` times (``(B*k) x n``, row ``b*k+j`` is candidate ``j`` of context ``b``);
+            ``None`` otherwise.
     """
 
     y: Tensor
     iterates: list[Tensor] = field(default_factory=list)
+    candidates: AmortizedOutput | None = None
 
 
 class Amortizer(nn.Module):
@@ -104,9 +109,16 @@ class SemiAmortized(Amortizer):
                 "SemiAmortized: gradient='implicit' needs shrinkage > 0 (the proximal weight λ that ties the "
                 "inner solution to the initial iterate; with λ = 0 the solution does not depend on it)"
             )
+        update = update if update is not None else GradientStep()
+        if gradient == "implicit" and update.proximal:
+            raise ValueError(
+                f"SemiAmortized: gradient='implicit' differentiates the optimality condition of a smooth inner "
+                f"problem, which a proximal update ({type(update).__name__}) of a nonsmooth f does not have; use "
+                f"gradient='unroll', 'truncated' or 'first_order' with it"
+            )
         self.init = init
         self.steps = steps
-        self.update = update if update is not None else GradientStep()
+        self.update = update
         self.gradient = gradient
         self.truncate = truncate
         self.shrinkage = shrinkage

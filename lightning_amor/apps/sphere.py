@@ -40,21 +40,35 @@ class SphereObjective(Objective):
     Args:
         temperature: γ of the soft-min (0.5 in the reference).
         grid_points: points of the dense grid that seeds the oracle.
-        starts: how many of the best grid points the oracle refines with L-BFGS.
+        starts: how many grid points the oracle refines with L-BFGS (see :meth:`grid_starts`).
+        separation: the least angle (degrees) between two starts.
     """
 
     dim = 3
+    basin_threshold = math.radians(10.0)  # a prediction 10° from the global minimizer lies in another basin
 
-    def __init__(self, temperature: float = 0.5, grid_points: int = 4096, starts: int = 8) -> None:
+    def __init__(
+        self, temperature: float = 0.5, grid_points: int = 4096, starts: int = 4, separation: float = 10.0
+    ) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"SphereObjective: temperature must be positive, got {temperature}")
+        if starts < 1 or grid_points < starts:
+            raise ValueError(
+                f"SphereObjective: need 1 <= starts <= grid_points, got starts={starts}, grid_points={grid_points}"
+            )
+        if not 0 <= separation < 180:
+            raise ValueError(f"SphereObjective: separation is an angle in degrees in [0, 180), got {separation}")
         self.temperature = temperature
         self.grid_points = grid_points
         self.starts = starts
+        self.separation = separation
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, grid_points={self.grid_points}, starts={self.starts}"
+        return (
+            f"temperature={self.temperature}, grid_points={self.grid_points}, starts={self.starts}, "
+            f"separation={self.separation}"
+        )
 
     def split_context(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Centres ``B x m x 3`` and offsets ``B x m`` of contexts ``B x 4m``."""
@@ -89,16 +103,33 @@ class SphereObjective(Objective):
         """The geodesic angle (radians) between unit vectors: ``B``."""
         return safe_arccos((self.project(y) * self.project(y_ref)).sum(-1))
 
+    def grid_starts(self, x: Tensor) -> Tensor:
+        """Starting points ``B x starts x 3``: the lowest point of a Fibonacci grid, then repeatedly the lowest
+        grid point at least ``separation`` degrees from those already chosen, so that the starts lie in distinct
+        regions (the best grid points of one basin would otherwise all be refined to the same minimum)."""
+        grid = fibonacci_sphere(self.grid_points, x)
+        values = self._values(grid.expand(x.shape[0], -1, -1), x)  # B x P
+        min_cosine = math.cos(math.radians(self.separation))
+        chosen = []
+        for _ in range(self.starts):
+            lowest, index = values.min(dim=1)
+            point = grid[index]
+            if chosen:  # every grid point is near a chosen one: repeat the best start (refined twice, harmless)
+                point = torch.where(torch.isfinite(lowest)[:, None], point, chosen[0])
+            chosen.append(point)
+            values = values.masked_fill(point @ grid.T >= min_cosine, math.inf)
+        return torch.stack(chosen, dim=1)
+
     def solve(self, x: Context, init: Optional[Tensor] = None) -> Tensor:
-        """Global minimizers ``B x 3``: the best points of a dense grid, refined by batched L-BFGS."""
+        """Global minimizers ``B x 3``: the grid's :meth:`grid_starts` (and ``init``), refined by batched L-BFGS
+        in float64 (in float32 the gradient cannot reach the tolerance and L-BFGS runs to its step limit)."""
         with torch.no_grad():
-            grid = fibonacci_sphere(self.grid_points, x)
-            values = self._values(grid.expand(x.shape[0], -1, -1), x)
-            best = values.topk(self.starts, dim=1, largest=False).indices
-            starts = grid[best]  # B x k x 3
+            starts = self.grid_starts(x)
         if init is not None:
-            starts = torch.cat([starts, self.project(init).unsqueeze(1)], dim=1)
+            starts = torch.cat([starts, self.project(init.detach()).unsqueeze(1)], dim=1)
         k = starts.shape[1]
-        result = LBFGS(steps=100, tol=1e-9).solve(self, context_repeat(x, k), init=starts.reshape(-1, 3))
+        wide = x.detach().to(torch.float64)
+        result = LBFGS(steps=100, tol=1e-9).solve(self, context_repeat(wide, k), init=starts.reshape(-1, 3).double())
         choice = result.value.reshape(-1, k).argmin(dim=1)
-        return result.y.reshape(-1, k, 3)[torch.arange(x.shape[0], device=x.device), choice]
+        best = result.y.reshape(-1, k, 3)[torch.arange(x.shape[0], device=x.device), choice]
+        return best.to(x.dtype)
