@@ -1,5 +1,9 @@
 """lightning-amor: amortized optimization with PyTorch Lightning."""
 
+# First: fails clearly if another project's `datamodules` package hides ours (lightning_amor/datamodules_guard.py)
+import lightning_amor.datamodules_guard  # noqa: F401
+
+# isort: split
 from lightning_amor.amortizers import AmortizedOutput, Amortizer, FullyAmortized, SemiAmortized
 from lightning_amor.export import (
     ExportedAmortizer,
@@ -14,9 +18,12 @@ from lightning_amor.inference import Calibration, Fallback, InferenceResult
 from lightning_amor.losses import AmortizationLoss, IterateSumLoss, ObjectiveLoss, RegressionLoss
 from lightning_amor.metrics import AmortizationMetrics
 from lightning_amor.module import AmortizedModule, BadCheckpointError, NonFiniteLossError
+from lightning_amor.multi_hypothesis import MultiHypothesis, MultiHypothesisLoss
 from lightning_amor.nets import MLP, LearnedConstant
 from lightning_amor.objective import Context, Objective, ObjectiveShapeError
-from lightning_amor.updates import AdamStep, GradientStep, InnerUpdate, LearnedUpdate
+from lightning_amor.proximal import L1, Box, CompositeObjective, NonNegative, Simplex, Zero
+from lightning_amor.proximal_solvers import FISTA, ISTA
+from lightning_amor.updates import AdamStep, GradientStep, InnerUpdate, LearnedUpdate, ProximalStep
 
 __version__ = "0.1.0"
 
@@ -29,26 +36,37 @@ __all__ = [
     "AmortizedOutput",
     "Amortizer",
     "BadCheckpointError",
+    "Box",
+    "CompositeObjective",
     "Context",
     "ExportError",
     "ExportMismatchError",
     "ExportedAmortizer",
+    "FISTA",
     "Fallback",
     "FullyAmortized",
     "GradientStep",
+    "ISTA",
     "InferenceResult",
     "InnerUpdate",
     "IterateSumLoss",
+    "L1",
     "LearnedConstant",
     "LearnedUpdate",
     "MLP",
+    "MultiHypothesis",
+    "MultiHypothesisLoss",
     "NonFiniteLossError",
+    "NonNegative",
     "Objective",
     "ObjectiveLoss",
     "ObjectiveShapeError",
+    "ProximalStep",
     "RegressionLoss",
     "Calibration",
     "SemiAmortized",
+    "Simplex",
+    "Zero",
     "check_export",
     "curve_figure",
     "export_onnx",

@@ -14,9 +14,10 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, 
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.context import ContextDataModule
-from lightning_amor.callbacks import Preempted, PreemptionCheckpoint
 from lightning_amor.loading import check_checkpoint_file
 from lightning_amor.module import AmortizedModule
+from lightning_amor.preemption import Preempted, PreemptionCheckpoint
+from lightning_amor.run_folder import fill_checkpoint_dirs, link_run_folder
 
 PROGRESS_REFRESH = 20
 """Steps between two redraws of the default progress bar."""
@@ -24,7 +25,7 @@ PROGRESS_REFRESH = 20
 class AmortCLI(LightningCLI):
     """LightningCLI with subclass mode for models and data; prints the held-out metrics after ``fit``.
 
-    Every run gets a :class:`~lightning_amor.callbacks.PreemptionCheckpoint` (configured under ``preemption:``),
+    Every run gets a :class:`~lightning_amor.preemption.PreemptionCheckpoint` (configured under ``preemption:``),
     and a ``--ckpt_path`` file is checked before anything is built. The recipe is the source of truth for the
     model: unlike plain LightningCLI, which rebuilds the model from the hyperparameters stored in a ``--ckpt_path``
     file, a checkpoint of another model is an error listing the parameters that differ, and resuming with changed
@@ -45,6 +46,13 @@ class AmortCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        link_run_folder(parser)
+
+    def before_instantiate_classes(self) -> None:
+        """A ModelCheckpoint without ``dirpath`` saves to ``<default_root_dir>/checkpoints`` (see
+        :mod:`~lightning_amor.run_folder`)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        fill_checkpoint_dirs(config.trainer)
 
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
@@ -140,7 +148,41 @@ EXTRA_SUBCOMMANDS = {
     "recipes": ("lightning_amor.commands.recipes", "List the shipped recipes and applications."),
     "solve": ("lightning_amor.commands.solve", "Amortize-then-refine contexts from a file, with certificates."),
     "export": ("lightning_amor.commands.export", "Export a trained amortizer to TorchScript and ONNX."),
+    "evaluate": ("lightning_amor.commands.evaluate", "Speed-up, warm-start saving and gap of a model vs a solver."),
 }
+
+
+def missing_bases(argv: list[str]) -> list[tuple[Path, Path]]:
+    """``(recipe, base)`` for every ``--config`` recipe of ``argv`` whose comment composes it with a shared base
+    (``recipes/_base/trainer.yaml``) that ``argv`` does not give before it: run alone, such a recipe would silently
+    lose the base's logger and checkpoints."""
+    from lightning_amor.commands.recipes import recipe_configs
+
+    configs = [Path(value) for value in _option_values(argv, "--config")]
+    missing = []
+    for position, config in enumerate(configs):
+        if not config.is_file():
+            continue  # jsonargparse reports it
+        try:
+            wanted = recipe_configs(config)
+        except (OSError, ValueError):
+            continue  # its comment names no usable command: nothing to check
+        order = [c.resolve() for c in wanted]
+        if config.resolve() not in order:
+            continue  # a shared base: its comment shows a command for some recipe
+        given = {c.resolve() for c in configs[:position]}
+        missing += [(config, base) for base in wanted[: order.index(config.resolve())] if base.resolve() not in given]
+    return missing
+
+
+def _option_values(argv: list[str], option: str) -> list[str]:
+    values = []
+    for k, word in enumerate(argv):
+        if word == option and k + 1 < len(argv):
+            values.append(argv[k + 1])
+        elif word.startswith(option + "="):
+            values.append(word.split("=", 1)[1])
+    return values
 
 
 def main(args: Optional[list[str]] = None) -> None:
@@ -154,6 +196,14 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]][0]).main(argv[1:])
         return
+    missing = missing_bases(argv)
+    if missing:
+        recipe, base = missing[0]
+        subcommand = argv[0] if argv and not argv[0].startswith("-") else "fit"
+        print(f"lightning-amor: error: the recipe {recipe} is composed with the shared settings {base} (the logger "
+              f"and the checkpoints), which were not given before it; run\n  lightning-amor {subcommand} "
+              f"--config {base} --config {recipe} ...", file=sys.stderr)
+        raise SystemExit(2)
     try:
         AmortCLI(
             AmortizedModule,

@@ -25,6 +25,7 @@ from lightning_amor.export import (
     export_onnx,
     export_torchscript,
 )
+from tests.test_recipes import recipe_args
 
 REPO = Path(__file__).resolve().parents[1]
 CHECK_SIZES = (1, 5, 300)  # none of them the export's batch of 8
@@ -159,7 +160,7 @@ def fit_checkpoint(tmp_path_factory):
     patch.setattr("sys.argv", ["lightning-amor"])
     try:
         main([
-            "fit", "--config", str(REPO / "recipes" / "sphere" / "semi_sum_regression.yaml"),
+            "fit", *recipe_args(REPO / "recipes" / "sphere" / "semi_sum_regression.yaml"),
             "--trainer.max_steps=10", "--trainer.val_check_interval=10", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", "--trainer.log_every_n_steps=1",
             "--model.init_args.lr_scheduler.init_args.T_max=10",
@@ -198,3 +199,11 @@ def test_cli_errors(tmp_path):
         main(["export", "--ckpt", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path)])
     with pytest.raises(SystemExit):  # jsonargparse: an unknown format is a usage error
         main(["export", "--ckpt", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path), "--format", "tflite"])
+
+
+def test_a_wrong_dtype_is_named_not_numbered(tmp_path):
+    module, x = sphere_module(semi=False), sphere_contexts(16)
+    exported = ExportedAmortizer(export_torchscript(module, tmp_path / "a.pt", x[:8]))
+    with pytest.raises(ValueError, match=r"takes float32 contexts, got float64; convert them first") as info:
+        exported.predict(x.double())
+    assert "Traceback" not in str(info.value)

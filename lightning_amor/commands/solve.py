@@ -148,7 +148,8 @@ def check_output(out: Path, contexts: Union[str, Path]) -> None:
         with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
             pass
     except OSError as err:
-        raise ContextFileError(f"--out {out} cannot be written ({err.strerror or err}); choose a writable folder") from err
+        reason = err.strerror or str(err)
+        raise ContextFileError(f"--out {out} cannot be written ({reason}); choose a writable folder") from err
     if out.exists() and not os.access(out, os.W_OK):
         raise ContextFileError(f"--out {out} exists and is read-only; choose another file or make it writable")
 
