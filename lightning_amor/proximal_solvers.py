@@ -32,21 +32,22 @@ from torch import Tensor
 
 from lightning_amor.objective import Context, Objective
 from lightning_amor.proximal import prox_gradient_map
-from lightning_amor.solvers import STOP_REASONS, Callback, Solver, SolverResult, _check_steps, _check_tol
+from lightning_amor.solvers import (
+    STOP_REASONS,
+    Callback,
+    Solver,
+    SolverResult,
+    _check_steps,
+    _check_tol,
+    _value_and_grad,
+)
 
 __all__ = ["FISTA", "ISTA"]
 
 
 def _smooth_value_and_grad(objective: Objective, y: Tensor, x: Context) -> tuple[Tensor, Tensor]:
     """g(y) (``B``) and ∇g(y) (``B x n``) of the objective's smooth part, for every context at once, detached."""
-    y = y.detach().requires_grad_(True)
-    value = objective.smooth_projected(y, x)
-    grad = None
-    if value.requires_grad:
-        (grad,) = torch.autograd.grad(value.sum(), y, allow_unused=True)
-    if grad is None:
-        grad = torch.zeros_like(y)
-    return value.detach(), grad.detach()
+    return _value_and_grad(objective, y, x, smooth=True)
 
 
 class ISTA(Solver):

@@ -144,10 +144,11 @@ class Solver:
         return f"{type(self).__name__}({args})"
 
 
-def _value_and_grad(objective: Objective, y: Tensor, x: Context) -> tuple[Tensor, Tensor]:
-    """``F(y)`` (``B``) and its gradient w.r.t. ``y`` (``B x n``) for every sample at once, detached."""
+def _value_and_grad(objective: Objective, y: Tensor, x: Context, smooth: bool = False) -> tuple[Tensor, Tensor]:
+    """``F(y)`` (``B``) and its gradient w.r.t. ``y`` (``B x n``) for every sample at once, detached; with
+    ``smooth``, of the smooth part g of a composite f = g + h (``objective.smooth_projected``)."""
     y = y.detach().requires_grad_(True)
-    value = objective.projected(y, x)
+    value = objective.smooth_projected(y, x) if smooth else objective.projected(y, x)
     grad = None
     if value.requires_grad:
         (grad,) = torch.autograd.grad(value.sum(), y, allow_unused=True)

@@ -48,13 +48,17 @@ class GradientStep(InnerUpdate):
     Args:
         lr: the initial step size α (> 0).
         learnable: train α along with the amortizer (``false``: keep it fixed).
+        dim: ``None`` for one step size, or n for a step size per coordinate of ``B x n`` iterates.
     """
 
-    def __init__(self, lr: float = 0.1, learnable: bool = True) -> None:
+    def __init__(self, lr: float = 0.1, learnable: bool = True, dim: Optional[int] = None) -> None:
         super().__init__()
+        name = type(self).__name__
         if lr <= 0:
-            raise ValueError(f"GradientStep: lr must be positive, got {lr}")
-        raw = torch.tensor(_inverse_softplus(lr))
+            raise ValueError(f"{name}: lr must be positive, got {lr}")
+        if dim is not None and (int(dim) != dim or dim < 1):
+            raise ValueError(f"{name}: dim must be None or a positive integer (the solution size n), got {dim}")
+        raw = torch.full(() if dim is None else (int(dim),), _inverse_softplus(lr))
         if learnable:
             self.raw_lr = nn.Parameter(raw)
         else:
@@ -62,7 +66,7 @@ class GradientStep(InnerUpdate):
 
     @property
     def lr(self) -> Tensor:
-        """The current step size α (a scalar tensor)."""
+        """The current step size α: a scalar tensor, or ``n`` per-coordinate step sizes."""
         return F.softplus(self.raw_lr)
 
     def forward(
@@ -158,7 +162,7 @@ class LearnedUpdate(InnerUpdate):
         return y - step * grad, state
 
 
-class ProximalStep(InnerUpdate):
+class ProximalStep(GradientStep):
     """A proximal-gradient (ISTA) step ``y ← prox_{αh}(y − α ∇g(y))`` for a composite objective f = g + h.
 
     ``grad`` is the gradient of the smooth part g only (:attr:`proximal` is ``True``, so
@@ -178,24 +182,6 @@ class ProximalStep(InnerUpdate):
     """
 
     proximal = True
-
-    def __init__(self, lr: float = 0.1, learnable: bool = True, dim: Optional[int] = None) -> None:
-        super().__init__()
-        if lr <= 0:
-            raise ValueError(f"ProximalStep: lr must be positive, got {lr}")
-        if dim is not None and (int(dim) != dim or dim < 1):
-            raise ValueError(f"ProximalStep: dim must be None or a positive integer (the solution size n), got {dim}")
-        shape = () if dim is None else (int(dim),)
-        raw = torch.full(shape, _inverse_softplus(lr))
-        if learnable:
-            self.raw_lr = nn.Parameter(raw)
-        else:
-            self.register_buffer("raw_lr", raw)
-
-    @property
-    def lr(self) -> Tensor:
-        """The current step size α: a scalar tensor, or ``n`` per-coordinate step sizes."""
-        return F.softplus(self.raw_lr)
 
     def forward(
         self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
