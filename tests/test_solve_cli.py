@@ -246,6 +246,12 @@ def test_unusable_context_files_give_clear_errors(fitted, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((2, 16)))
     err = run_failing(capsys, "--ckpt", ckpt, "--contexts", tmp_path / "x.npy", "--out", tmp_path / "out.json")
     assert "unknown format '.json'" in err
+    np.save(tmp_path / "words.npy", np.array([["a", "b"], ["c", "d"]]))
+    err = run_failing(capsys, "--ckpt", ckpt, "--contexts", tmp_path / "words.npy")
+    assert "holds <U1 values (text)" in err and "real numbers" in err
+    np.save(tmp_path / "complex.npy", np.zeros((2, 16), dtype=np.complex64))
+    err = run_failing(capsys, "--ckpt", ckpt, "--contexts", tmp_path / "complex.npy")
+    assert "complex" in err
     torch.save({"a": 1}, tmp_path / "bad.pt")
     err = run_failing(capsys, "--ckpt", ckpt, "--contexts", tmp_path / "bad.pt")
     assert "holds a dict" in err and "N x ... tensor" in err

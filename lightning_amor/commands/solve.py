@@ -296,6 +296,11 @@ def _read_pt(file: Path) -> Context:
 
 
 def _as_tensor(data: Union[np.ndarray, Tensor], file: Path, where: str = "") -> Tensor:
+    if isinstance(data, np.ndarray) and data.dtype.kind not in "biuf":  # strings, objects, records, dates ...
+        raise ContextFileError(
+            f"the contexts file {file}{where} holds {data.dtype} values ({_numpy_kind(data.dtype)}); contexts are "
+            "real numbers: save a float array, e.g. np.save(path, x.astype(np.float32))"
+        )
     tensor = torch.as_tensor(data) if isinstance(data, np.ndarray) else data
     if tensor.dtype == torch.bool or tensor.is_complex() or not (tensor.is_floating_point() or _integer(tensor)):
         raise ContextFileError(
@@ -306,6 +311,12 @@ def _as_tensor(data: Union[np.ndarray, Tensor], file: Path, where: str = "") -> 
     if tensor.dim() == 1:
         tensor = tensor[:, None]  # one number per context
     return tensor.to(torch.get_default_dtype()) if not tensor.is_floating_point() else tensor
+
+
+def _numpy_kind(dtype: np.dtype) -> str:
+    kinds = {"U": "text", "S": "bytes", "O": "Python objects", "V": "records", "M": "dates", "m": "time spans",
+             "c": "complex numbers"}
+    return kinds.get(dtype.kind, "not real numbers")
 
 
 def _integer(tensor: Tensor) -> bool:
