@@ -198,9 +198,10 @@ def prepare_references(cli: AmortCLI, label_times: dict[str, Optional[float]]) -
     data.attach(module.objective, module.needs_target)
     labels = None
     if module.needs_target and data.train_size is not None:
-        key = data.cache_key("pool", data.train_size)
+        cache_file = data.cache_file("pool")
+        key = None if cache_file is None else cache_file.name
         if key not in label_times:
-            cached = key is not None and data._cache_path(key).exists()
+            cached = cache_file is not None and cache_file.exists()
             start = time.perf_counter()
             data.fixed_set("pool", data.train_size)
             label_times[key] = None if cached else time.perf_counter() - start

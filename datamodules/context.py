@@ -18,7 +18,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.loader import BatchIndexSampler, ResumableLoader
+from datamodules.preemptible import StopOnSigterm
+from datamodules.reference_cache import ReferenceCache
 from datamodules.stream import ContextStream, StreamLoader
+from lightning_amor.certificates import nonfinite_rows
+from lightning_amor.fingerprint import code_digest, tensor_digest
 from lightning_amor.objective import Context, Objective, context_batch_size, context_index
 
 _STREAMS = {"train": 0, "val": 1, "test": 2, "pool": 3, "predict": 4}
@@ -27,6 +31,16 @@ _NOT_IN_KEY = ("batch_size", "eval_batch_size", "num_workers", "cache_dir", "bat
                "val_size", "test_size", "progress_bar", "stream")
 PROGRESS_DELAY_S = 2.0
 """Seconds before the progress bar of solving reference solutions appears (short solves print nothing)."""
+
+
+class NonFiniteDataError(ValueError):
+    """Contexts drawn or loaded, or reference solutions solved or loaded, hold NaN or infinite numbers."""
+
+
+def _runs(mask: Tensor) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` of every run of ``True`` in a 1-d boolean ``mask``."""
+    edges = torch.diff(torch.cat([torch.zeros(1), mask.float(), torch.zeros(1)])).nonzero().flatten().tolist()
+    return list(zip(edges[0::2], edges[1::2], strict=True))
 
 
 def default_cache_dir() -> Path:
@@ -49,7 +63,9 @@ class _FreshBatches(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Context]:
         gen = seeded_generator(self.seed, _STREAMS["train"], index)
-        return {"x": self.module.sample(self.batch_size, gen)}
+        x = self.module.sample(self.batch_size, gen)
+        self.module.check_contexts(x, f"training batch {index}")
+        return {"x": x}
 
 
 class _FixedBatches(Dataset):
@@ -197,59 +213,125 @@ class ContextDataModule(LightningDataModule):
 
     # --- fixed sets and their cache -----------------------------------------------------------
     def cache_key(self, split: str, size: int) -> Optional[str]:
-        """A hash of everything that determines a fixed set's contexts and references (``None``: do not cache)."""
+        """A hash of everything that determines a fixed set's contexts and references (``None``: do not cache):
+        the data module's class, code and settings, the split and its size, and the objective's
+        :meth:`~lightning_amor.objective.Objective.cache_key` (its code and buffers included)."""
         objective_key = self.objective.cache_key()
         if objective_key is None or self.cache_dir == "none":
             return None
         config = {k: v for k, v in self.hparams.items() if k not in _NOT_IN_KEY}
         blob = json.dumps(
             {"data": f"{type(self).__module__}.{type(self).__qualname__}", "config": config, "split": split,
-             "size": size, "objective": objective_key}, sort_keys=True, default=str
+             "size": size, "objective": objective_key, "code": code_digest(type(self), ContextDataModule)},
+            sort_keys=True, default=str,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
-    def _cache_path(self, key: str) -> Path:
+    def cache_file(self, split: str, size: Optional[int] = None) -> Optional[Path]:
+        """The file that caches the reference solutions of ``split`` (``pool``, ``val`` or ``test``) with ``size``
+        contexts (default: the configured size), whether or not it exists yet; ``None`` when that set is not
+        cached (the cache is off, the objective learns, or there is no training pool)."""
+        sizes = {"pool": self.train_size, "val": self.val_size, "test": self.test_size}
+        if split not in sizes:
+            raise ValueError(f"{type(self).__name__}.cache_file: split must be one of {sorted(sizes)}, got {split!r}")
+        size = sizes[split] if size is None else size
+        key = self.cache_key(split, size) if size is not None else None
+        if key is None:
+            return None
         root = Path(self.cache_dir) if self.cache_dir else default_cache_dir()
         return root / f"{type(self).__name__.lower()}-{key}.pt"
 
-    def solve_references(self, x: Context, description: str = "reference solutions") -> Tensor:
-        """Reference solutions ``N x n`` of the objective's oracle, solved in chunks of ``eval_batch_size`` (with a
-        progress bar over the chunks, see ``progress_bar``)."""
-        chunks = []
+    def _refuse_nonfinite(self, what: str, rows: dict[int, str], fix: str) -> None:
+        """Raise :class:`NonFiniteDataError` naming ``what`` and the first rows of ``rows`` (if any)."""
+        if rows:
+            shown = list(rows)[:10]
+            more = f" and {len(rows) - 10} more" if len(rows) > 10 else ""
+            raise NonFiniteDataError(
+                f"{type(self).__name__}: {what} hold NaN or infinite numbers in {len(rows)} rows {shown}{more}; {fix}"
+            )
+
+    def check_contexts(self, x: Context, where: str) -> None:
+        """Refuse contexts with NaN or infinite numbers, naming this data module, ``where`` they come from and the
+        rows (one ``isfinite`` test per tensor when all is well).
+
+        Raises:
+            NonFiniteDataError: some rows are not finite.
+        """
+        tensors = [x] if isinstance(x, Tensor) else list(x.values())
+        if all(not t.is_floating_point() or bool(torch.isfinite(t).all()) for t in tensors):
+            return
+        self._refuse_nonfinite(f"the contexts of {where}", nonfinite_rows(x),
+                               f"fix {type(self).__name__}.sample (or its data) so that it draws finite contexts")
+
+    def solve_references(self, x: Context, description: str = "reference solutions", split: str = "",
+                         cache: Optional[ReferenceCache] = None) -> Tensor:
+        """Reference solutions ``N x n`` of the objective's oracle for the contexts ``x`` of ``split``, solved in
+        chunks of ``eval_batch_size`` (with a progress bar over them, see ``progress_bar``).
+
+        With a ``cache``, each chunk is saved as soon as it is solved and the chunks an earlier, interrupted solve
+        saved are not solved again; a SIGTERM stops the solve with exit status 75
+        (:data:`~lightning_amor.preemption.PREEMPTED_EXIT_CODE`) keeping the chunks done. The oracle solves every
+        context independently of the others (see :class:`~lightning_amor.solvers.MultiStart`), so the chunking
+        does not change the answers.
+
+        Raises:
+            NonFiniteDataError: the oracle returned NaN or infinite solutions.
+        """
         total = context_batch_size(x)
-        starts = range(0, total, self.eval_batch_size)
-        quiet = not self.progress_bar or self._rank_world()[0] != 0 or len(starts) < 2
-        with tqdm(total=total, desc=description, unit="contexts", delay=PROGRESS_DELAY_S, disable=quiet) as bar:
-            for start in starts:
-                part = context_index(x, slice(start, start + self.eval_batch_size))
-                chunks.append(self.objective.solve_flat(part).detach().cpu())
-                bar.update(context_batch_size(part))
-        return torch.cat(chunks)
+        solved = cache.chunks() if cache is not None else {}
+        covered = torch.zeros(total, dtype=torch.bool)
+        for first, part in solved.items():
+            covered[first : first + len(part)] = True
+        todo = [(start, min(start + self.eval_batch_size, stop)) for start, stop in _runs(~covered)
+                for start in range(start, stop, self.eval_batch_size)]
+        oracle = f"{type(self.objective).__name__}.solve"
+
+        def kept() -> str:
+            done = sum(len(part) for part in solved.values())
+            if cache is None:
+                return f"{done} of {total} {split} references solved, none kept (the cache is off)"
+            return f"{done} of {total} {split} references solved and kept in {cache.partial}; rerun to continue"
+
+        quiet = not self.progress_bar or self._rank_world()[0] != 0 or len(todo) < 2
+        with StopOnSigterm(kept) as sigterm, tqdm(total=total, initial=int(covered.sum()), desc=description,
+                                                  unit="contexts", delay=PROGRESS_DELAY_S, disable=quiet) as bar:
+            for start, stop in todo:
+                y = self.objective.solve_flat(context_index(x, slice(start, stop))).detach().cpu()
+                rows = {start + row: reason for row, reason in nonfinite_rows(y).items()}
+                self._refuse_nonfinite(f"the references that {oracle} returned for the {split} set", rows,
+                                       f"fix the oracle {oracle}, or the contexts it fails on")
+                with sigterm.critical():
+                    if cache is not None:
+                        cache.save_chunk(start, y)
+                    solved[start] = y
+                bar.update(stop - start)
+        first = next(iter(solved.values()))
+        y_star = first.new_empty((total, *first.shape[1:]))
+        for start, part in solved.items():
+            y_star[start : start + len(part)] = part
+        return y_star
 
     def fixed_set(self, split: str, size: int, with_targets: bool = True) -> dict[str, Context]:
-        """The seeded contexts of a split and, when asked, their reference solutions (from the cache if present)."""
+        """The seeded contexts of a split and, when asked, their reference solutions (from the cache if present).
+
+        Raises:
+            NonFiniteDataError: a context or a reference solution holds NaN or infinite numbers.
+            RuntimeError: the cached references cannot be read or belong to other contexts.
+        """
         x = self.sample_split(split, size, seeded_generator(self.seed, _STREAMS[split]))
+        self.check_contexts(x, f"the {split} set")
         if not with_targets:
             return {"x": x}
-        key = self.cache_key(split, size)
-        path = self._cache_path(key) if key is not None else None
-        if path is not None and path.exists():
-            try:
-                y_star = torch.load(path, map_location="cpu", weights_only=True)["y_star"]
-                if not isinstance(y_star, Tensor) or y_star.shape[0] != size:
-                    found = tuple(y_star.shape) if isinstance(y_star, Tensor) else type(y_star).__name__
-                    raise ValueError(f"expected {size} solutions, found {found}")
-            except Exception as err:  # noqa: BLE001 - any unreadable file is reported the same way
-                raise RuntimeError(
-                    f"the cached reference solutions {path} cannot be read ({err!r}); delete the file to solve again"
-                ) from err
+        path = self.cache_file(split, size)
+        cache = ReferenceCache(path, size, tensor_digest(x if isinstance(x, Tensor) else dict(x))) if path else None
+        y_star = cache.load() if cache is not None else None
+        if y_star is not None:
+            self._refuse_nonfinite(f"the cached references {path} of the {split} set", nonfinite_rows(y_star),
+                                   "delete the file to solve again")
             return {"x": x, "y_star": y_star}
-        y_star = self.solve_references(x, f"{type(self).__name__}: solving the {split} references")
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save({"y_star": y_star}, tmp)
-            os.replace(tmp, path)
+        y_star = self.solve_references(x, f"{type(self).__name__}: solving the {split} references", split, cache)
+        if cache is not None:
+            cache.save(y_star)
         return {"x": x, "y_star": y_star}
 
     def _splits(self, stage: Optional[str]) -> list[tuple[str, int, bool]]:
@@ -270,7 +352,7 @@ class ContextDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         """Solve and cache the fixed sets' references once per node (rank 0)."""
         for split, size, targets in self._splits(None if self.trainer is None else self.trainer.state.fn):
-            if targets and self.cache_key(split, size) is not None:
+            if targets and self.cache_file(split, size) is not None:
                 self.fixed_set(split, size)
 
     def setup(self, stage: Optional[str] = None) -> None:

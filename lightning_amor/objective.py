@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from lightning_amor.fingerprint import code_digest, tensor_digest
 from lightning_amor.structure import Solution, Structure
 
 Context = Union[Tensor, Mapping[str, Tensor]]
@@ -269,12 +270,17 @@ class Objective(nn.Module):
     def cache_key(self) -> Optional[str]:
         """A string that identifies this problem for on-disk caches of reference solutions.
 
-        ``None`` (the default when the objective has learnable parameters) disables caching,
-        since the reference solutions change as the parameters learn.
+        It holds the class path and settings (:meth:`extra_repr`), a digest of the source of the class and of
+        its ancestors below :class:`Objective` (the oracle's code: a changed :meth:`solve` gives a new key), and a
+        digest of every buffer and (frozen) parameter, submodules' included. ``None`` (the default when the
+        objective has learnable parameters) disables caching, since the reference solutions change as the
+        parameters learn.
         """
         if any(p.requires_grad for p in self.parameters()):
             return None
-        return f"{type(self).__module__}.{type(self).__qualname__}({self.extra_repr()})"
+        code = code_digest(type(self), Objective)[:16]
+        numbers = tensor_digest([*self.named_buffers(), *self.named_parameters()])[:16]
+        return f"{type(self).__module__}.{type(self).__qualname__}({self.extra_repr()})#code={code}#tensors={numbers}"
 
 
 def _first_tensor(x: Context) -> Tensor:
