@@ -9,16 +9,22 @@ from typing import Any, Optional, Union
 
 import torch
 
+from lightning_amor.checkpoint_io import verify_checkpoint_archive
 from lightning_amor.module import AmortizedModule, BadCheckpointError
 
-# ckpt_path values that Lightning resolves itself ("last" looks in the ModelCheckpoint directories)
-_RESOLVED_BY_LIGHTNING = ("last", "best", "hpc", "registry")
+LAST_OR_FRESH = "last_or_fresh"
+"""The ``--ckpt_path`` of ``lightning-amor fit`` that resumes from ``last`` when there is one, and starts fresh
+otherwise (plain ``last`` with nothing to resume is an error)."""
+
+# ckpt_path values that Lightning resolves itself ("last" looks in the ModelCheckpoint directories), and ours
+_RESOLVED_BY_LIGHTNING = ("last", "best", "hpc", "registry", LAST_OR_FRESH)
 
 
 def check_checkpoint_file(path: Any) -> None:
     """Raise :class:`BadCheckpointError` naming ``path`` unless it is a readable Lightning checkpoint.
 
-    Cheap even for large files: the zip directory is checked first and tensors are memory-mapped, not read.
+    The file is read once to check every record against the checksum stored with it (a flipped bit is refused,
+    as :class:`~lightning_amor.checkpoint_io.DamagedCheckpointError`); tensors are then memory-mapped, not read.
     ``None``, remote URLs and the values Lightning resolves itself (``last``, ``best``, ``hpc``) pass unchecked.
     """
     if path is None or str(path).split(":")[0] in _RESOLVED_BY_LIGHTNING or "://" in str(path):
@@ -27,6 +33,9 @@ def check_checkpoint_file(path: Any) -> None:
     if not file.is_file():
         where = "is a directory, not a file" if file.is_dir() else "does not exist"
         raise BadCheckpointError(f"--ckpt_path {path} {where}; pass a .ckpt file, or `last` to resume a run")
+    if file.stat().st_size == 0:
+        raise BadCheckpointError(f"the checkpoint {path} is empty (0 bytes), as after an interrupted write; use "
+                                 "another checkpoint, or start without it")
     if not zipfile.is_zipfile(file):
         with open(file, "rb") as handle:
             starts_like_torch = handle.read(4) == b"PK\x03\x04"
@@ -36,6 +45,7 @@ def check_checkpoint_file(path: Any) -> None:
             else "is not a PyTorch checkpoint (torch.save writes a zip archive; this file is none)"
         )
         raise BadCheckpointError(f"the checkpoint {path} {reason}; use another checkpoint, or start without it")
+    verify_checkpoint_archive(file)  # torch.load does not check the archive's checksums
     try:
         content = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:  # noqa: BLE001 - whatever torch cannot read is reported the same way

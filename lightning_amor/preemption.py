@@ -14,6 +14,8 @@ import torch
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from lightning_amor.checkpoint_io import CheckpointSaveError
+
 PREEMPTED_EXIT_CODE = 75
 """Exit status of a run stopped by a preemption signal after saving its checkpoint (``EX_TEMPFAIL``: try again).
 
@@ -65,7 +67,8 @@ class PreemptionCheckpoint(Callback):
       exception passes: one process saves then; several processes exit without saving (their collectives may be
       out of step), and the last periodic checkpoint is the one to resume from. The exit status is 75 here too.
 
-    A signal that arrives after the last training step lets the run finish normally.
+    A signal that arrives after the last training step lets the run finish normally. A save that fails is never
+    reported as done: it raises :class:`~lightning_amor.checkpoint_io.CheckpointSaveError` (exit status 74).
 
     Args:
         signals: names of the signals that preempt (``SIGKILL`` and ``SIGSTOP`` cannot be caught).
@@ -127,15 +130,31 @@ class PreemptionCheckpoint(Callback):
         metrics = dict(trainer.callback_metrics, epoch=trainer.current_epoch, step=trainer.global_step)
         return keeper.format_checkpoint_name(metrics, keeper.CHECKPOINT_NAME_LAST), keeper
 
+    def checkpoint_folder(self, trainer: pl.Trainer) -> str:
+        """The folder this callback saves to (``lightning-amor fit`` checks that it can write there before
+        training)."""
+        return os.path.dirname(self._checkpoint_target(trainer)[0])
+
     def _save(self, trainer: pl.Trainer) -> str:
         """Save the checkpoint; return how to resume from it."""
         path, keeper = self._checkpoint_target(trainer)
         if keeper is not None and keeper.save_last:
             keeper.last_model_path = path  # its next periodic save then overwrites this file, not a last-v1.ckpt
         trainer.save_checkpoint(path, weights_only=False)
+        if trainer.is_global_zero and not os.path.isfile(path):
+            # a CheckpointIO plugin may fail in silence (Lightning's own swallows a PermissionError)
+            raise CheckpointSaveError(f"could not save the checkpoint {path}: it is not on disk after saving; check "
+                                      "that its folder is writable")
         self.saved_path = path
         resume = "--ckpt_path last" if keeper is not None else f"--ckpt_path {path}"
         return f"saved a checkpoint at global step {trainer.global_step} to {path}; resume with {resume}"
+
+    def _save_preempted(self, trainer: pl.Trainer, names: list[str]) -> str:
+        """:meth:`_save` for a preemption: a failed save says that the run was preempted (and exits with 74)."""
+        try:
+            return self._save(trainer)
+        except CheckpointSaveError as err:
+            raise CheckpointSaveError(f"preempted by {', '.join(names)}, but {err}") from err
 
     def _announce(self, trainer: pl.Trainer, names: list[str], outcome: str) -> None:
         if trainer.is_global_zero:
@@ -156,7 +175,8 @@ class PreemptionCheckpoint(Callback):
         names = self._requested(trainer)
         if not _on_any_rank(trainer, bool(names)) or self._training_done(trainer):
             return
-        self._announce(trainer, names or ["a signal to another rank"], self._save(trainer))
+        names = names or ["a signal to another rank"]
+        self._announce(trainer, names, self._save_preempted(trainer, names))
         raise Preempted(self.exit_code)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -181,6 +201,6 @@ class PreemptionCheckpoint(Callback):
             outcome = "stopped outside a batch boundary, where several processes cannot save together; resume " \
                       "from the last periodic checkpoint with --ckpt_path last"
         else:
-            outcome = self._save(trainer)
+            outcome = self._save_preempted(trainer, ["SIGTERM"])
         self._announce(trainer, ["SIGTERM"], outcome)
         exception.code = self.exit_code

@@ -48,14 +48,15 @@ def test_the_sbatch_file_asks_for_a_warning_signal_and_requeue_and_runs_ddp():
     assert last_directive < first_command, "sbatch ignores #SBATCH lines after the first command"
     launch = " ".join(text.split("srun", 1)[1].replace("\\\n", " ").split())
     for part in ("lightning-amor fit \"${configs[@]}\"", "--trainer.num_nodes \"$nodes\"",
-                 "--trainer.devices \"$tasks_per_node\"", "--trainer.strategy ddp", "--ckpt_path last \"$@\""):
+                 "--trainer.devices \"$tasks_per_node\"", "--trainer.strategy ddp", "--ckpt_path last_or_fresh \"$@\""):
         assert part in launch, f"{part!r} is not in the srun line: {launch}"
 
 
 def test_the_torchrun_script_uses_a_rendezvous_and_resumes():
     launch = " ".join(TORCHRUN.read_text().split("exec torchrun", 1)[1].replace("\\\n", " ").split())
     for part in ("--rdzv_backend c10d", "--rdzv_endpoint", "--rdzv_id", "--nnodes \"$nnodes\"",
-                 "-m lightning_amor.cli fit \"${configs[@]}\"", "--trainer.strategy ddp", "--ckpt_path last \"$@\""):
+                 "-m lightning_amor.cli fit \"${configs[@]}\"", "--trainer.strategy ddp",
+                 "--ckpt_path last_or_fresh \"$@\""):
         assert part in launch, f"{part!r} is not in the torchrun line: {launch}"
 
 

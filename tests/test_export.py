@@ -191,12 +191,14 @@ def test_cli_exports_and_checks_a_fit_checkpoint(fit_checkpoint, tmp_path, capsy
                                atol=1e-5, rtol=0)
 
 
-def test_cli_errors(tmp_path):
-    with pytest.raises(SystemExit, match="lightning-amor export: error: .*does not exist"):
+def test_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:  # a bad checkpoint is bad input: exit status 2
         main(["export", "--ckpt", str(tmp_path / "missing.ckpt"), "--out", str(tmp_path)])
+    assert exited.value.code == 2 and "lightning-amor export: error: " in capsys.readouterr().err
     (tmp_path / "bad.ckpt").write_text("not a checkpoint")
-    with pytest.raises(SystemExit, match="is not a PyTorch checkpoint"):
+    with pytest.raises(SystemExit) as exited:
         main(["export", "--ckpt", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path)])
+    assert exited.value.code == 2 and "is not a PyTorch checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # jsonargparse: an unknown format is a usage error
         main(["export", "--ckpt", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path), "--format", "tflite"])
 

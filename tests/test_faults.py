@@ -48,6 +48,7 @@ def shared(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def bare_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-amor"])
+    monkeypatch.setenv("LIGHTNING_AMOR_DEBUG", "1")  # the CLI's errors as exceptions, to inspect them
 
 
 def fit_args(work: Path, cache: Path, max_steps: int, hidden: str = "[32]") -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -47,7 +48,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         run(args.ckpt, args.out, list(args.format), args.batch_size, args.static_batch,
             list(args.check_batch_sizes), args.atol)
-    except (BadCheckpointError, ExportError, ExportMismatchError, ValueError) as err:
+    except BadCheckpointError as err:  # bad input: exit status 2, as the other subcommands
+        print(f"lightning-amor export: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    except (ExportError, ExportMismatchError, ValueError) as err:
         raise SystemExit(f"lightning-amor export: error: {err}") from err
 
 

@@ -11,7 +11,7 @@
 #   MAX_RESTARTS    how often torchrun restarts all workers after one fails or is preempted [0]
 #   BASE_CONFIG     the shared trainer settings, composed before RECIPE as `lightning-amor recipes` shows
 #                   [recipes/_base/trainer.yaml beside this script]; empty: RECIPE alone (a recipe of your own)
-# Every start resumes from the run's last checkpoint (--ckpt_path last); the first one starts fresh.
+# Every start resumes from the run's last checkpoint (--ckpt_path last_or_fresh); the first one starts fresh.
 # Options after RECIPE override the recipe and the settings here (later options win).
 set -euo pipefail
 
@@ -39,4 +39,4 @@ exec torchrun \
     --max_restarts "${MAX_RESTARTS:-0}" \
     -m lightning_amor.cli fit "${configs[@]}" \
     --trainer.num_nodes "$nnodes" --trainer.devices "$nproc" --trainer.strategy ddp \
-    --ckpt_path last "$@"
+    --ckpt_path last_or_fresh "$@"
