@@ -146,6 +146,8 @@ class SemiAmortized(Amortizer):
             y0 = objective.project_flat(objective.flatten(self.init(x)))
             if not differentiate:
                 y0 = y0.detach()  # autograd is on for the inner gradients only; return no graph
+            start = y0.detach()
+            self.update.prepare(lambda y: self._inner_value(y, start, x, objective), start)
             if self.gradient == "implicit":
                 return self._implicit(y0, x, objective, differentiate)
             y, state, iterates = y0, self.update.init_state(y0), [y0]

@@ -25,6 +25,17 @@ from lightning_amor.solvers import Solver
 from lightning_amor.structure import Solution
 
 NONFINITE_MODES = ("raise", "skip")
+GAP_NOISE = 1e-3
+"""A mean validation gap below ``-(GAP_NOISE · max(|f(ŷ)|, |f(y*)|) + GAP_NOISE_FLOOR)`` is more than solver and
+rounding noise: the cached references are wrong (see ``AmortizedModule._warn_if_oracle_beaten``)."""
+GAP_NOISE_FLOOR = 1e-6
+"""The absolute part of the noise allowed on a mean gap, for objectives whose minimum is near zero."""
+INNER_RISE_STEPS = 3
+"""Logging steps averaged before a rise of f over the inner steps is warned about."""
+INNER_RISE_TOLERANCE = 1e-3
+"""The relative rise of the mean f over the inner steps that is warned about (below it: noise)."""
+SKIPPED_STEPS_KEY = "skipped_steps"
+"""The checkpoint entry holding the count of skipped steps and the steps of the recent ones."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -142,7 +153,14 @@ class AmortizedModule(LightningModule):
             infinite: ``raise`` stops training with the step and the offending context indices (or parameter
             names); ``skip`` leaves every parameter and optimizer state unchanged for that step (which still
             counts towards ``max_steps``; schedulers step as on any other step). Under DDP the decision is the
-            same on every rank.
+            same on every rank. Skipped steps are counted (logged as ``train/skipped_steps``, kept by checkpoints),
+            and too many of them stop training (``max_skipped_share``).
+        max_skipped_share: with ``nonfinite: skip``, training stops with :class:`NonFiniteLossError` as soon as
+            more than this share of the last ``skip_window`` steps were skipped (so a run that skips almost every
+            step cannot end as if it had trained). It is decided as soon as the count is exceeded, before the
+            window has filled: 11 skips in the first 11 steps already exceed 10% of 100 steps. The count is the same
+            on every DDP rank, so every rank stops together. ``1.0`` never stops.
+        skip_window: the number of recent training steps over which ``max_skipped_share`` is counted.
         refine: a solver run from each prediction during validation and test when the batch has no
             reference solutions (objectives with learnable parameters): the gap and distance are then
             measured against the refined solution, i.e. the amortization gap.
@@ -158,7 +176,9 @@ class AmortizedModule(LightningModule):
             stepped every training step.
 
     Logged: ``train/loss`` (the amortizer's loss), ``train/objective``, ``train/objective_loss`` (with
-    ``objective_optimizer``); on the validation and test sets ``{val,test}/objective`` (mean f(ŷ)), ``/gap``
+    ``objective_optimizer``), ``train/skipped_steps`` (with ``nonfinite: skip``), ``train/inner_f_before`` and
+    ``train/inner_f_after`` (a semi-amortized model's mean f at its first and last iterate; a warning, once, when
+    the inner steps raise f on average); on the validation and test sets ``{val,test}/objective`` (mean f(ŷ)), ``/gap``
     (mean f(ŷ) − f(y*)), ``/distance`` (mean d(ŷ, y*)), ``/violation`` (constrained problems),
     ``/inference_ms`` (prediction time per batch), and the means of an application's own
     :meth:`evaluation_metrics`.
@@ -176,10 +196,16 @@ class AmortizedModule(LightningModule):
         inference: Optional[Fallback] = None,
         objective_optimizer: Optional[OptimizerCallable] = None,
         objective_lr_scheduler: Optional[LRSchedulerCallable] = None,
+        max_skipped_share: float = 0.1,
+        skip_window: int = 100,
     ) -> None:
         super().__init__()
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"AmortizedModule: nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if not 0.0 <= max_skipped_share <= 1.0:
+            raise ValueError(f"AmortizedModule: max_skipped_share must be in [0, 1], got {max_skipped_share}")
+        if skip_window < 1:
+            raise ValueError(f"AmortizedModule: skip_window must be at least 1 step, got {skip_window}")
         if objective_lr_scheduler is not None and objective_optimizer is None:
             raise ValueError(
                 "AmortizedModule: objective_lr_scheduler schedules objective_optimizer, which is not set; set "
@@ -223,8 +249,13 @@ class AmortizedModule(LightningModule):
         self.test_metrics = AmortizationMetrics()
         # means of the application's evaluation_metrics, created on first use: {stage: {name: MeanMetric}}
         self.evaluation_means = nn.ModuleDict({"val": nn.ModuleDict(), "test": nn.ModuleDict()})
+        self.max_skipped_share = max_skipped_share
+        self.skip_window = skip_window
         self.skipped_steps = 0
+        self._recent_skips: list[int] = []  # the global steps of the skips within the last skip_window steps
         self._skip_update = False
+        self._inner_f_sums = [0.0, 0.0, 0]  # Σ mean f before, Σ after the inner steps, logging steps counted
+        self._inner_rise_warned = False
         self._rng_states: Optional[tuple[Tensor, Optional[Tensor]]] = None  # kept during validation
 
     @property
@@ -313,9 +344,22 @@ class AmortizedModule(LightningModule):
                 message + "; check the objective at these contexts, lower the learning rate, or set "
                 "`model.init_args.nonfinite: skip` to skip such steps"
             )
-        self.skipped_steps += 1
-        self.print(f"skipping the update of this step: {message}")
+        self._count_skip(message)
         return False
+
+    def _count_skip(self, message: str) -> None:
+        """Count a skipped step; stop when more than ``max_skipped_share`` of the last ``skip_window`` were skipped."""
+        self.skipped_steps += 1
+        step = self.global_step
+        self._recent_skips = [s for s in self._recent_skips if s > step - self.skip_window] + [step]
+        self.print(f"skipping the update of this step: {message}")
+        if len(self._recent_skips) > self.max_skipped_share * self.skip_window:
+            raise NonFiniteLossError(
+                f"{len(self._recent_skips)} of the last {self.skip_window} training steps were skipped for non-finite "
+                f"losses or gradients (more than max_skipped_share={self.max_skipped_share}), so the model is not "
+                f"learning; the latest: {message}. Fix the objective or the data at these contexts, lower the "
+                f"learning rate, or raise `model.init_args.max_skipped_share`"
+            )
 
     def _zero_loss(self) -> Tensor:
         # A zero loss on every parameter keeps DDP's gradient all-reduce in step on every rank; nothing then steps.
@@ -330,12 +374,18 @@ class AmortizedModule(LightningModule):
         per_context = self._per_context(self.loss(output, x, self.objective, y_star), x, type(self.loss).__name__)
         if not self._finite_or_skip({"loss": per_context}, batch_idx):
             self._skip_update = True  # optimizer_step then leaves the parameters and the optimizer state untouched
+            self._log_skipped_steps(x)
             return self._zero_loss()
         loss = per_context.mean()
         self._log_training(loss, output, x)
         return loss
 
+    def _log_skipped_steps(self, x: Context) -> None:
+        if self.nonfinite == "skip" and self._logging_step():
+            self.log("train/skipped_steps", float(self.skipped_steps), batch_size=context_batch_size(x))
+
     def _log_training(self, loss: Tensor, output: AmortizedOutput, x: Context) -> None:
+        self._log_skipped_steps(x)
         if not self._logging_step():
             return
         batch_size = context_batch_size(x)
@@ -343,6 +393,34 @@ class AmortizedModule(LightningModule):
         if not isinstance(self.loss, ObjectiveLoss):
             with torch.no_grad():
                 self.log("train/objective", self.objective(output.y, x).mean(), batch_size=batch_size)
+        if len(output.iterates) > 1:
+            self._log_inner_steps(output, x)
+
+    def _log_inner_steps(self, output: AmortizedOutput, x: Context) -> None:
+        """Log the mean f at the first and the last inner iterate; warn once when, averaged over the logging steps
+        so far (at least :data:`INNER_RISE_STEPS`), the inner steps raise f by more than :data:`INNER_RISE_TOLERANCE`
+        of its size (a stochastic objective's noise is no rise)."""
+        batch_size = context_batch_size(x)
+        # A stochastic objective draws random numbers: logging must not change the ones training draws next.
+        with torch.no_grad(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            before = self.objective(output.iterates[0], x).mean()
+            after = self.objective(output.iterates[-1], x).mean()
+        self.log("train/inner_f_before", before, batch_size=batch_size)
+        self.log("train/inner_f_after", after, batch_size=batch_size)
+        if self._inner_rise_warned:
+            return
+        sums = self._inner_f_sums
+        sums[0], sums[1], sums[2] = sums[0] + float(before), sums[1] + float(after), sums[2] + 1
+        if sums[2] >= INNER_RISE_STEPS and sums[1] - sums[0] > INNER_RISE_TOLERANCE * abs(sums[0]):
+            self._inner_rise_warned = True
+            warnings.warn(
+                f"the inner steps of {type(self.amortizer).__name__} raised f on average over the first {sums[2]} "
+                f"logging steps (mean f from {sums[0] / sums[2]:.4g} to {sums[1] / sums[2]:.4g}): their step size is "
+                f"too large for this objective; use GradientStep(lr='auto') (a step of 1/L from the curvature) or a "
+                f"smaller lr",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _component_training_step(self, batch: Any, batch_idx: int) -> None:
         """Amortizer and objective as two components: each loss trains only its own parameters, each optimizer
@@ -373,6 +451,8 @@ class AmortizedModule(LightningModule):
             self._log_training(loss, output, x)
             if self._logging_step():
                 self.log("train/objective_loss", objective_loss.mean(), batch_size=context_batch_size(x))
+        else:
+            self._log_skipped_steps(x)
         # A skipped step runs no backward: under manual optimization DDP's reducer waits for none.
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
@@ -495,6 +575,7 @@ class AmortizedModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation metrics and calibrate the inference policy on this validation's residuals."""
+        self._warn_if_oracle_beaten(self.val_metrics.compute())
         self._log_metrics("val", self.val_metrics)
         if self.val_residuals.update_count > 0:
             residuals = self.val_residuals.compute()  # every rank's, under DDP
@@ -503,6 +584,25 @@ class AmortizedModule(LightningModule):
                 self.calibration = Calibration.from_residuals(residuals, step=self.global_step, features=features)
         self.val_residuals.reset()
         self.val_contexts.reset()
+
+    def _warn_if_oracle_beaten(self, values: dict[str, Tensor]) -> None:
+        """Warn (once) when the mean validation gap against cached references is below zero beyond noise
+        (:data:`GAP_NOISE` of the larger of |mean f(ŷ)| and |mean f(y*)|, plus :data:`GAP_NOISE_FLOOR`): the
+        predictions then "beat" the oracle, so its references are wrong or stale."""
+        cache_file = getattr(self.trainer.datamodule, "cache_file", None) if self._trainer is not None else None
+        if "gap" not in values or cache_file is None or getattr(self, "_oracle_beaten_warned", False):
+            return
+        gap, f_pred = float(values["gap"]), float(values["objective"])
+        noise = GAP_NOISE * max(abs(f_pred), abs(f_pred - gap)) + GAP_NOISE_FLOOR
+        path = cache_file("val") if gap < -noise else None
+        if path is not None and self.trainer.is_global_zero:
+            self._oracle_beaten_warned = True
+            warnings.warn(
+                f"val/gap is {gap:.4g}, below zero beyond numerical noise ({-noise:.2g}): the predictions beat the "
+                f"oracle {type(self.objective).__name__}.solve, so its reference solutions are wrong or stale; check "
+                f"the oracle, then delete the cache file {path} to solve them again",
+                UserWarning, stacklevel=2,
+            )
 
     def on_test_epoch_end(self) -> None:
         """Log the test metrics."""
@@ -534,8 +634,7 @@ class AmortizedModule(LightningModule):
                 "(e.g. sqrt or arccos at the boundary), lower the learning rate, or set "
                 "`model.init_args.nonfinite: skip`"
             )
-        self.skipped_steps += 1
-        self.print(f"skipping the update of this step: {message}")
+        self._count_skip(message)
 
     def _gradients_checked(self) -> bool:
         # fp16 mixed precision produces inf gradients on purpose; its GradScaler skips those steps itself.
@@ -559,9 +658,11 @@ class AmortizedModule(LightningModule):
         ]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the calibration of the latest validation (read back by :meth:`on_load_checkpoint`)."""
+        """Save the calibration of the latest validation and the skipped steps (read back by
+        :meth:`on_load_checkpoint`)."""
         if self.calibration is not None:
             checkpoint[CALIBRATION_KEY] = self.calibration.to_dict()
+        checkpoint[SKIPPED_STEPS_KEY] = {"count": self.skipped_steps, "recent": list(self._recent_skips)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before the weights are loaded: a checkpoint of another model is an error naming the file and every
@@ -580,6 +681,9 @@ class AmortizedModule(LightningModule):
             )
         saved = checkpoint.get(CALIBRATION_KEY)  # absent from checkpoints of older versions
         self.calibration = Calibration.from_dict(saved, checkpoint.get("global_step")) if saved else None
+        skipped = checkpoint.get(SKIPPED_STEPS_KEY, {})  # absent from checkpoints of older versions
+        self.skipped_steps = int(skipped.get("count", 0))
+        self._recent_skips = [int(step) for step in skipped.get("recent", [])]
 
 
 def _with_scheduler(optimizer: torch.optim.Optimizer, scheduler: Optional[LRSchedulerCallable]) -> dict[str, Any]:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_amor.lipschitz import hessian_lipschitz
 from lightning_amor.objective import Objective
 from lightning_amor.steps import adam_direction, adam_moments, gradient_step
 
@@ -35,6 +36,11 @@ class InnerUpdate(nn.Module):
         """The optimizer state before the first step (``None`` when stateless)."""
         return None
 
+    def prepare(self, value: Callable[[Tensor], Tensor], y: Tensor) -> None:
+        """Called before the inner steps of every forward pass with the inner objective ``value`` (``B x n -> ()``,
+        summed over the batch) and the initial iterates ``y`` (``B x n``); an update that sets itself up from the
+        problem (:class:`GradientStep` with ``lr="auto"``) does it here. Nothing by default."""
+
     def forward(
         self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
     ) -> tuple[Tensor, Any]:
@@ -45,15 +51,39 @@ class InnerUpdate(nn.Module):
 class GradientStep(InnerUpdate):
     """Gradient descent y - α∇f with a step size α, learnable by default (kept positive by a softplus).
 
+    The steps lower f only for α < 2/L, L the Lipschitz constant of ∇f (the largest curvature), and nothing
+    warns when α is too large: the inner steps then raise f, and the model trains to a poor answer (the
+    tutorial's Rosenbrock family curves as 12·b·y₁², so α = 0.01 is too large away from its minimum).
+    ``lr="auto"`` avoids that: on its first forward pass (the first training batch, or the sanity check's
+    validation batch before it) it estimates L by power iteration on Hessian-vector products of the inner
+    objective at the batch's initial iterates
+    (:func:`~lightning_amor.lipschitz.hessian_lipschitz`, the largest over its contexts, and over DDP ranks) and
+    starts from α = 1/L, which minimises the quadratic upper bound of f and leaves a factor 2 of margin against
+    the estimate's error and curvature that grows away from the first iterates. A learnable α then trains from
+    there. The estimate is part of the state dict, so a resumed run or a loaded model keeps it. It is chosen
+    over a normalised or a backtracking step because it keeps the update a plain, smooth function of y (cheap
+    to unroll and to export) and costs a few Hessian-vector products once, not every step.
+
     Args:
-        lr: the initial step size α (> 0).
+        lr: the initial step size α (> 0), or ``"auto"`` for 1/L as above.
         learnable: train α along with the amortizer (``false``: keep it fixed).
         dim: ``None`` for one step size, or n for a step size per coordinate of ``B x n`` iterates.
     """
 
-    def __init__(self, lr: float = 0.1, learnable: bool = True, dim: Optional[int] = None) -> None:
+    def __init__(
+        self, lr: Union[float, Literal["auto"]] = 0.1, learnable: bool = True, dim: Optional[int] = None
+    ) -> None:
         super().__init__()
         name = type(self).__name__
+        self.auto = lr == "auto"
+        if isinstance(lr, str) and not self.auto:
+            raise ValueError(f"{name}: lr must be a positive number or 'auto' (1/L from the curvature), got {lr!r}")
+        if self.auto:
+            lr = 1.0  # replaced by 1/L on the first forward pass
+            # Only auto steps hold the flag, so the state dicts (and checkpoints) of fixed steps are unchanged.
+            self.register_buffer("estimated", torch.tensor(False))
+            self.register_load_state_dict_post_hook(_remember_estimate)
+        self._estimated = False  # the buffer's value, kept in Python to avoid a device sync every forward
         if lr <= 0:
             raise ValueError(f"{name}: lr must be positive, got {lr}")
         if dim is not None and (int(dim) != dim or dim < 1):
@@ -69,11 +99,37 @@ class GradientStep(InnerUpdate):
         """The current step size α: a scalar tensor, or ``n`` per-coordinate step sizes."""
         return F.softplus(self.raw_lr)
 
+    def prepare(self, value: Callable[[Tensor], Tensor], y: Tensor) -> None:
+        """With ``lr="auto"`` and no estimate yet: set α = 1/L from the curvature of ``value`` at ``y``
+        (``B x n``); otherwise nothing."""
+        if not self.auto or self._estimated:
+            return
+        lipschitz = hessian_lipschitz(value, y).to(self.raw_lr.device, torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # One step size on every rank, or their weights drift apart: the largest curvature of any rank's batch.
+            torch.distributed.all_reduce(lipschitz, op=torch.distributed.ReduceOp.MAX)
+        estimate = float(lipschitz)
+        if not math.isfinite(estimate) or estimate <= 0:
+            raise ValueError(
+                f"{type(self).__name__}(lr='auto'): the curvature of the inner objective at the first batch's "
+                f"initial iterates is {estimate:g}, so 1/L is no step size (f is linear there, or not finite); "
+                f"give lr a number instead"
+            )
+        with torch.no_grad():
+            self.raw_lr.fill_(_inverse_softplus(1.0 / estimate))
+            self.estimated.fill_(True)
+        self._estimated = True
+
     def forward(
         self, y: Tensor, grad: Tensor, state: Any, t: int, objective: Optional[Objective] = None
     ) -> tuple[Tensor, Any]:
         """``y - α grad``."""
         return gradient_step(y, grad, self.lr.to(y.dtype)), state
+
+
+def _remember_estimate(module: nn.Module, incompatible_keys: Any) -> None:
+    """After a state dict is loaded into a :class:`GradientStep` with ``lr="auto"``: whether it held an estimate."""
+    module._estimated = bool(module.estimated)
 
 
 class AdamStep(InnerUpdate):
