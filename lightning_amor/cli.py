@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -13,14 +15,27 @@ from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from datamodules.context import ContextDataModule
-from lightning_amor.loading import check_checkpoint_file
-from lightning_amor.module import AmortizedModule
+from datamodules.context import ContextDataModule, NonFiniteDataError
+from lightning_amor.checkpoint_io import (
+    CheckpointFolderError,
+    CheckpointSaveError,
+    check_checkpoint_folders,
+    use_verified_checkpoint_io,
+)
+from lightning_amor.exit_codes import BAD_INPUT, NONFINITE, SAVE_FAILED, one_line_errors
+from lightning_amor.loading import LAST_OR_FRESH, check_checkpoint_file
+from lightning_amor.module import AmortizedModule, BadCheckpointError, NonFiniteLossError
 from lightning_amor.preemption import Preempted, PreemptionCheckpoint
 from lightning_amor.run_folder import fill_checkpoint_dirs, link_run_folder
 
 PROGRESS_REFRESH = 20
 """Steps between two redraws of the default progress bar."""
+
+EXIT_NONFINITE_METRICS = NONFINITE
+"""The exit status of a ``fit`` whose held-out objective (``val/objective``) is NaN or infinite."""
+
+NOTHING_TO_TRAIN = {"max_steps": 0, "max_epochs": 0, "limit_train_batches": 0}
+"""Trainer settings with which ``fit`` would train nothing (refused before anything is built)."""
 
 class AmortCLI(LightningCLI):
     """LightningCLI with subclass mode for models and data; prints the held-out metrics after ``fit``.
@@ -42,7 +57,9 @@ class AmortCLI(LightningCLI):
             isinstance(callback, ProgressBar) for callback in callbacks
         ):
             kwargs.setdefault("callbacks", [*callbacks, TQDMProgressBar(refresh_rate=PROGRESS_REFRESH)])
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        use_verified_checkpoint_io(trainer)  # a save that does not reach the disk is an error, not silence
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
@@ -52,6 +69,8 @@ class AmortCLI(LightningCLI):
         """A ModelCheckpoint without ``dirpath`` saves to ``<default_root_dir>/checkpoints`` (see
         :mod:`~lightning_amor.run_folder`)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand == "fit":
+            _refuse_training_nothing(config.trainer)
         fill_checkpoint_dirs(config.trainer)
 
     def setup_parser(
@@ -82,8 +101,10 @@ class AmortCLI(LightningCLI):
 
     def _check_last_checkpoint(self) -> None:
         """With ``--ckpt_path last``, check the file it stands for: the newest ``last*.ckpt`` in the folders of
-        the trainer's ModelCheckpoints (as Lightning resolves it; folders that depend on the logger are skipped)."""
-        if self.config[self.subcommand].get("ckpt_path") != "last":
+        the trainer's ModelCheckpoints (as Lightning resolves it; folders that depend on the logger are skipped).
+        Without one, ``last`` is an error naming the folders, and ``last_or_fresh`` starts from scratch."""
+        asked = self.config[self.subcommand].get("ckpt_path")
+        if asked not in ("last", LAST_OR_FRESH):
             return
         found = [
             path
@@ -94,9 +115,20 @@ class AmortCLI(LightningCLI):
         ]
         if found:
             check_checkpoint_file(max(found, key=lambda path: path.stat().st_mtime))
+        elif asked == "last":
+            folders = [str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
+                       if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+            where = " or ".join(folders) if folders else "any folder (the trainer has no ModelCheckpoint)"
+            raise BadCheckpointError(
+                f"--ckpt_path last: there is no last checkpoint in {where} to resume from; start without --ckpt_path, "
+                f"or with --ckpt_path {LAST_OR_FRESH} to resume when there is one and start fresh otherwise"
+            )
+        if asked == LAST_OR_FRESH:
+            self.config_init[self.subcommand]["ckpt_path"] = "last" if found else None
 
     def before_fit(self) -> None:
         self._check_last_checkpoint()
+        check_checkpoint_folders(self.trainer)  # before training, not at the first save
 
     def before_validate(self) -> None:
         self._check_last_checkpoint()
@@ -113,13 +145,37 @@ class AmortCLI(LightningCLI):
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         print("\nheld-out validation metrics (fixed, seeded contexts never used in training):")
+        if not metrics:
+            print("  none: no validation ran in this fit (see trainer.val_check_interval)")
         for name, value in sorted(metrics.items()):
-            print(f"  {name:<20} {value:.6g}")
+            # A NaN is no result: mark it so that it cannot be read as one.
+            flag = "" if math.isfinite(value) else "   <- NOT FINITE: the model or the data went wrong"
+            print(f"  {name:<20} {value:.6g}{flag}")
         if trainer.logger is not None and trainer.logger.log_dir is not None:
             log_dir, root = trainer.logger.log_dir, trainer.logger.save_dir
             print(f"TensorBoard logs: {log_dir}  (watch with: tensorboard --logdir {root})")
-        if trainer.checkpoint_callback is not None and getattr(trainer.checkpoint_callback, "dirpath", None):
-            print(f"checkpoints: {trainer.checkpoint_callback.dirpath}")
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None) if trainer.checkpoint_callback else None
+        if dirpath and Path(dirpath).is_dir():
+            print(f"checkpoints: {dirpath}")
+        elif dirpath:
+            print(f"checkpoints: none written (no save was due; {dirpath} does not exist)")
+        objective = metrics.get("val/objective")
+        if objective is not None and not math.isfinite(objective):
+            shown = "NaN" if math.isnan(objective) else f"{objective:+}"
+            print(f"lightning-amor: error: the held-out objective is {shown} after training, so this run learned "
+                  f"nothing usable; look for NaN or inf in the objective and the data, or lower the learning rate "
+                  f"(exit status {EXIT_NONFINITE_METRICS})", file=sys.stderr)
+            raise SystemExit(EXIT_NONFINITE_METRICS)
+
+
+def _refuse_training_nothing(trainer: Any) -> None:
+    """Stop with one line (exit status 2) when the trainer settings train nothing (:data:`NOTHING_TO_TRAIN`)."""
+    for name, nothing in NOTHING_TO_TRAIN.items():
+        value = trainer.get(name)
+        if value is not None and not isinstance(value, bool) and value == nothing:
+            print(f"lightning-amor: error: trainer.{name}={value} trains nothing (no step, no checkpoint); give it a "
+                  f"positive value, or leave it unset", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def _close_process_group() -> None:
@@ -150,6 +206,17 @@ EXTRA_SUBCOMMANDS = {
     "export": ("lightning_amor.commands.export", "Export a trained amortizer to TorchScript and ONNX."),
     "evaluate": ("lightning_amor.commands.evaluate", "Speed-up, warm-start saving and gap of a model vs a solver."),
 }
+
+
+ONE_LINE_ERRORS: dict[type[BaseException], int] = {
+    BadCheckpointError: BAD_INPUT,
+    CheckpointFolderError: BAD_INPUT,
+    CheckpointSaveError: SAVE_FAILED,
+    NonFiniteDataError: BAD_INPUT,
+    NonFiniteLossError: NONFINITE,
+}
+"""Errors answered with ``lightning-amor SUBCOMMAND: error: MESSAGE`` and an exit status, not a traceback (unless
+``LIGHTNING_AMOR_DEBUG=1``; see :mod:`~lightning_amor.exit_codes`)."""
 
 
 def missing_bases(argv: list[str]) -> list[tuple[Path, Path]]:
@@ -196,6 +263,10 @@ def main(args: Optional[list[str]] = None) -> None:
     if argv and argv[0] in EXTRA_SUBCOMMANDS:
         importlib.import_module(EXTRA_SUBCOMMANDS[argv[0]][0]).main(argv[1:])
         return
+    # Lightning's pytree helper uses torch's deprecated LeafSpec; a warning no user of lightning-amor can act on.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     missing = missing_bases(argv)
     if missing:
         recipe, base = missing[0]
@@ -204,19 +275,21 @@ def main(args: Optional[list[str]] = None) -> None:
               f"and the checkpoints), which were not given before it; run\n  lightning-amor {subcommand} "
               f"--config {base} --config {recipe} ...", file=sys.stderr)
         raise SystemExit(2)
+    program = f"lightning-amor {argv[0]}" if argv and not argv[0].startswith("-") else "lightning-amor"
     try:
-        AmortCLI(
-            AmortizedModule,
-            ContextDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            args=args,
-            auto_configure_optimizers=False,
-            parser_kwargs={"description": DESCRIPTION},
-            # A rerun into the same folder (e.g. without a versioned logger) must not abort: the recipe is also
-            # stored in every checkpoint.
-            save_config_kwargs={"overwrite": True},
-        )
+        with one_line_errors(program, ONE_LINE_ERRORS):
+            AmortCLI(
+                AmortizedModule,
+                ContextDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                args=args,
+                auto_configure_optimizers=False,
+                parser_kwargs={"description": DESCRIPTION},
+                # A rerun into the same folder (e.g. without a versioned logger) must not abort: the recipe is also
+                # stored in every checkpoint.
+                save_config_kwargs={"overwrite": True},
+            )
     except Preempted:
         _close_process_group()  # the ranks stopped together, after saving one checkpoint
         raise

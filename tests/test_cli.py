@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from lightning_amor.cli import main
+from lightning_amor.objective import Objective
 from tests.test_recipes import recipe_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,3 +213,67 @@ def test_a_recipe_run_without_its_shared_base_is_refused(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "recipes/_base/trainer.yaml" in err and "full_objective.yaml" in err and "not given before it" in err
+
+
+NAN_RECIPE = """
+trainer:
+  max_steps: 4
+  enable_progress_bar: false
+  enable_checkpointing: false
+  logger: false
+model:
+  class_path: lightning_amor.AmortizedModule
+  init_args:
+    objective: {class_path: tests.test_cache_safety.Shifted, init_args: {shift: SHIFT}}
+    amortizer:
+      class_path: lightning_amor.FullyAmortized
+      init_args: {net: {class_path: lightning_amor.MLP, init_args: {in_features: 2, out_features: 2, hidden: [4]}}}
+data:
+  class_path: tests.test_cache_safety.Gaussian
+  init_args: {nan_rows: NAN_ROWS, batch_size: 4, batches_per_epoch: 2, val_size: 8, test_size: 8, cache_dir: none}
+"""
+
+
+@pytest.mark.parametrize(("shift", "nan_rows", "status", "words"), [
+    ("0.0", "[1]", 2, "NaN or infinite"),  # the data is at fault: bad input, named at the source
+    ("0.0", "[]", 0, None),
+], ids=["nan-data", "clean"])
+def test_nonfinite_numbers_end_fit_with_one_line_and_a_status(tmp_path, monkeypatch, capsys, shift, nan_rows, status,
+                                                                words):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(NAN_RECIPE.replace("SHIFT", shift).replace("NAN_ROWS", nan_rows))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_AMOR_DEBUG", raising=False)
+    if status == 0:
+        main(["fit", "--config", str(recipe)])
+        return
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(recipe)])
+    assert info.value.code == status
+    err = capsys.readouterr().err
+    assert "lightning-amor fit: error:" in err and words in err and "Traceback" not in err
+
+
+def test_a_nonfinite_loss_ends_fit_with_status_3(tmp_path, monkeypatch, capsys):
+    from lightning_amor.exit_codes import NONFINITE
+
+    recipe = tmp_path / "recipe.yaml"
+    # inf in the objective's buffer: every loss is infinite, and the data itself is fine
+    recipe.write_text(NAN_RECIPE.replace("SHIFT", "0.0").replace("NAN_ROWS", "[]").replace(
+        "tests.test_cache_safety.Shifted", "tests.test_cli.InfiniteObjective").replace(", init_args: {shift: 0.0}", ""))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_AMOR_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(recipe)])
+    assert info.value.code == NONFINITE == 3
+    err = capsys.readouterr().err
+    assert "non-finite loss at global step 0" in err and "Traceback" not in err
+
+
+class InfiniteObjective(Objective):
+    """f = +inf everywhere (a broken objective)."""
+
+    dim = 2
+
+    def value(self, y, x):
+        return (y * 0.0).sum(-1) + float("inf")
