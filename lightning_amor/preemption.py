@@ -50,8 +50,9 @@ class PreemptionCheckpoint(Callback):
 
     ``lightning-amor`` adds this callback to every run (configure it under ``preemption:`` in a recipe, or with
     ``--preemption.signals``). Resume with ``--ckpt_path last``: the checkpoint goes to the directory of the
-    trainer's ``ModelCheckpoint`` (the one with ``save_last`` if several), under that callback's ``last`` name, so
-    Lightning finds it; without a ``ModelCheckpoint`` it goes to ``default_root_dir/last.ckpt``.
+    trainer's ``ModelCheckpoint`` (the one with ``save_last`` if several), under the file name that callback uses
+    for its last checkpoint (``last-v1.ckpt`` when the ``last.ckpt`` of another run is there), so Lightning finds it
+    and no other run's file is overwritten; without a ``ModelCheckpoint`` it goes to ``default_root_dir/last.ckpt``.
 
     How it shares the signals with Lightning (nothing of Lightning's is replaced):
 
@@ -121,19 +122,35 @@ class PreemptionCheckpoint(Callback):
             names.append("SIGTERM")
         return names
 
-    def _checkpoint_target(self, trainer: pl.Trainer) -> tuple[str, Optional[ModelCheckpoint]]:
-        """Where ``--ckpt_path last`` will look: the ``last`` file of the trainer's ``ModelCheckpoint``."""
+    @staticmethod
+    def _keeper(trainer: pl.Trainer) -> Optional[ModelCheckpoint]:
+        """The trainer's ``ModelCheckpoint`` that ``--ckpt_path last`` reads: the one with ``save_last`` if any."""
         candidates = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-        keeper = next((cb for cb in candidates if cb.save_last), candidates[0] if candidates else None)
+        return next((cb for cb in candidates if cb.save_last), candidates[0] if candidates else None)
+
+    def _checkpoint_target(self, trainer: pl.Trainer) -> tuple[str, Optional[ModelCheckpoint]]:
+        """Where ``--ckpt_path last`` will look: the file the keeper's next ``last`` save writes.
+
+        That is the keeper's name for it, with the version suffix the keeper adds (as its ``_save_last_checkpoint``
+        does) when another run's ``last.ckpt`` is in the folder: ``last-v1.ckpt``, never the other run's file.
+        Once the keeper has saved (or was restored by a resume), its ``last_model_path`` is that file."""
+        keeper = self._keeper(trainer)
         if keeper is None:
             return os.path.join(str(trainer.default_root_dir), "last.ckpt"), None
         metrics = dict(trainer.callback_metrics, epoch=trainer.current_epoch, step=trainer.global_step)
-        return keeper.format_checkpoint_name(metrics, keeper.CHECKPOINT_NAME_LAST), keeper
+        path = keeper.format_checkpoint_name(metrics, keeper.CHECKPOINT_NAME_LAST)
+        if keeper._enable_version_counter:  # private, pinned in tests/test_private_api.py
+            version = keeper.STARTING_VERSION
+            while keeper.file_exists(path, trainer) and path != keeper.last_model_path:
+                path = keeper.format_checkpoint_name(metrics, keeper.CHECKPOINT_NAME_LAST, ver=version)
+                version += 1
+        return path, keeper
 
     def checkpoint_folder(self, trainer: pl.Trainer) -> str:
         """The folder this callback saves to (``lightning-amor fit`` checks that it can write there before
         training)."""
-        return os.path.dirname(self._checkpoint_target(trainer)[0])
+        keeper = self._keeper(trainer)
+        return str(keeper.dirpath) if keeper is not None else str(trainer.default_root_dir)
 
     def _save(self, trainer: pl.Trainer) -> str:
         """Save the checkpoint; return how to resume from it."""
@@ -167,7 +184,19 @@ class PreemptionCheckpoint(Callback):
     # --- hooks --------------------------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.received, self.saved_path, self._training = [], None, True
+        self._continue_resumed_file(trainer)
         self._install()
+
+    def _continue_resumed_file(self, trainer: pl.Trainer) -> None:
+        """A run resumed from a ``last`` file of the keeper's folder keeps writing that file. The keeper restores
+        its ``last_model_path`` only from a checkpoint it wrote in that same folder; for a checkpoint copied there
+        from another folder it would start a ``last-v1.ckpt`` beside the file the run continues."""
+        keeper, resumed = self._keeper(trainer), trainer.ckpt_path
+        if keeper is None or not keeper.save_last or keeper.last_model_path or not resumed:
+            return
+        folder, name = os.path.split(os.path.abspath(str(resumed)))
+        if folder == os.path.abspath(str(keeper.dirpath)) and name.startswith(keeper.CHECKPOINT_NAME_LAST):
+            keeper.last_model_path = str(resumed)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -182,7 +211,7 @@ class PreemptionCheckpoint(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = False
         self._restore()
-        _, keeper = self._checkpoint_target(trainer)
+        keeper = self._keeper(trainer)
         if keeper is not None and keeper.save_last and trainer.global_step > 0:
             # The final weights, also when the run ends between two periodic saves (max_steps overridden).
             self._save(trainer)

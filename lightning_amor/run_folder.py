@@ -7,7 +7,8 @@ follows from it (values that a recipe or the command line gives are kept):
   ``<root>/<logger name>/version_N/`` (Lightning itself requires ``save_dir``);
 - a ``ModelCheckpoint``'s ``dirpath`` is ``<root>/checkpoints``: one fixed folder for every run of the recipe, so that
   ``--ckpt_path last`` finds the ``last.ckpt`` of an earlier, interrupted run. Lightning's own default, the logger's
-  ``version_N/checkpoints``, is a new folder for every run.
+  ``version_N/checkpoints``, is a new folder for every run. One live run at a time holds that folder
+  (:mod:`~lightning_amor.run_lock`): runs that should coexist need their own ``default_root_dir``.
 
 Without ``default_root_dir`` the run folder is the current directory, as in Lightning. This is what lets the shared
 trainer settings (``recipes/_base/trainer.yaml``: the logger and the checkpoints) serve every recipe.
@@ -76,6 +77,24 @@ def fill_checkpoint_dirs(trainer_config: Namespace) -> None:
             init_args = callback["init_args"] = Namespace()
         if init_args.get("dirpath") is None and _is_model_checkpoint(callback.class_path):
             init_args["dirpath"] = folder
+
+
+def checkpoint_dirs(trainer_config: Namespace) -> list[str]:
+    """The local folders (``dirpath``) of the ``ModelCheckpoint`` callbacks of the parsed ``trainer`` config
+    ``trainer_config``, each once, in order (remote ones, ``s3://...``, are left out). Call it after
+    :func:`fill_checkpoint_dirs`."""
+    callbacks = trainer_config.get("callbacks") or []
+    folders: list[str] = []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if not isinstance(callback, Namespace) or "class_path" not in callback:
+            continue
+        dirpath = _init_args(callback).get("dirpath")
+        if dirpath is None or "://" in str(dirpath) or not _is_model_checkpoint(callback.class_path):
+            continue
+        folder = os.path.abspath(str(dirpath))
+        if folder not in folders:
+            folders.append(folder)
+    return folders
 
 
 def _init_args(item: Any) -> Any:

@@ -57,6 +57,9 @@ PRIVATE = [
             "lightning_amor/module.py", "counts one training step of a module with several optimizers, by the "
             "fit loop's progress counter", lambda found: callable(found.increment_ready)
             and callable(found.increment_completed) and hasattr(found.total, "completed")),
+    Private("pytorch_lightning.callbacks", "ModelCheckpoint()._enable_version_counter", "lightning_amor/preemption.py",
+            "the preemption checkpoint's last file gets the version suffix ModelCheckpoint adds (last-v1.ckpt)",
+            lambda found: isinstance(found, bool)),
     Private("jsonargparse", "ArgumentParser.add_subcommands", "lightning_amor/cli.py",
             "the top-level --help lists the extra subcommands through the parser's _subcommands_action",
             lambda found: "_subcommands_action" in inspect.getsource(found)),
