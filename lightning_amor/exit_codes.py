@@ -4,7 +4,8 @@
 |---|---|
 | 0 | done |
 | 1 | an unexpected error (a traceback: please report it) |
-| 2 | bad input: a bad option or recipe, an unusable checkpoint or checkpoint folder, a bad input file |
+| 2 | bad input: a bad option or recipe, an unusable checkpoint or checkpoint folder, a run folder held by
+  another live run, a checkpoint written with other settings, non-finite data, a bad input file |
 | 3 | non-finite numbers: a NaN or infinite loss or gradient stopped training (``nonfinite: raise``, or too many
   skipped steps), or ``fit`` ended with a held-out objective that is NaN or infinite |
 | 74 | a checkpoint could not be saved, or did not read back as written (``EX_IOERR``) |

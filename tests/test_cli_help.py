@@ -164,3 +164,11 @@ def test_the_help_check_sees_undocumented_options():
     assert undocumented(sample) == ["--bare BARE", "--very.long.option.name VALUE"]
     assert set(options(sample)) == {"-h, --help", "--documented X", "--bare BARE", "--very.long.option.name VALUE",
                                     "--wrapped W"}
+
+
+def test_an_unknown_subcommand_is_named_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["fitt", "--config", "x.yaml"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown subcommand 'fitt'" in err and "{fit,validate,test,predict,recipes,solve,export,evaluate}" in err

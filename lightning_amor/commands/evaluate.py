@@ -146,7 +146,7 @@ def _build(configs: list[str], overrides: list[str], ckpt: Optional[str]) -> tup
     from lightning_amor.module import BadCheckpointError
 
     if ckpt is not None:
-        check_checkpoint_file(ckpt)
+        check_checkpoint_file(ckpt, option="--ckpt")
     if not configs:
         module, data = load_module(ckpt), load_datamodule(ckpt)
         if data is None:

@@ -63,8 +63,8 @@ def run(ckpt: str, out: str, formats: list[str], batch_size: int, static_batch: 
     if batch_size < 1 or min(check_batch_sizes) < 1:
         raise ValueError(f"--batch-size and --check-batch-sizes must be at least 1, got {batch_size} and "
                          f"{check_batch_sizes}")
-    module = load_module(ckpt)
-    data = load_datamodule(ckpt)
+    module = load_module(ckpt, option="--ckpt")
+    data = load_datamodule(ckpt, option="--ckpt")
     if data is None:
         raise BadCheckpointError(f"the checkpoint {ckpt} records no data module, so there are no held-out contexts to "
                                  "check the export on; export it from Python with lightning_amor.export")
