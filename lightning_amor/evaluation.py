@@ -489,7 +489,7 @@ def evaluate(
     x = to_device(x, device)
     y_star = y_star.to(device) if y_star is not None else None
     solver = with_budget(solver if solver is not None else module.inference.solver, max_iterations)
-    tolerance = float(module.inference.tolerance if tolerance is None else tolerance)
+    tolerance = float(module.inference.tolerance_for(module.dtype) if tolerance is None else tolerance)
     total = context_batch_size(x)
 
     with evaluation_mode(module):

@@ -15,6 +15,13 @@ the tolerance is accepted as it is, and the rest are refined by the solver start
 result is certified again. Nothing in a batch is dropped: a context with non-finite values, or one on which the
 model, the objective or a solver raises, is reported by its index with the reason, and the rest of the batch is
 solved.
+
+A context's answer never depends on the other contexts of its batch. Every call of the model, the certificate, the
+context distance and the solvers gets exactly ``batch_size`` rows (a smaller set is padded with copies of one of its
+contexts): BLAS picks its kernels, and so its summation orders, by the shape of a product, so a float32 network's
+prediction for a context would differ in its last bits between batches of 1, 3 or 9 rows, and a float32 solver
+stopped by rounding turns such differences into answers 1e-4 apart. The solvers decide per row (see
+:mod:`lightning_amor.solvers`), so fixed shapes make every context's arithmetic the same, alone or in any batch.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from lightning_amor.solvers import LBFGS, Solver
 if TYPE_CHECKING:
     from lightning_amor.module import AmortizedModule
 
-__all__ = ["ORACLE_ITERATIONS", "STATUSES", "Fallback", "InferenceResult"]
+__all__ = ["DEFAULT_TOLERANCES", "ORACLE_ITERATIONS", "STATUSES", "Fallback", "InferenceResult", "default_tolerance"]
 
 STATUSES = ("amortized", "refined", "fell_back", "failed")
 """What happened to a context: its prediction was accepted, refined from the prediction, solved from scratch
@@ -44,6 +51,27 @@ STATUSES = ("amortized", "refined", "fell_back", "failed")
 
 ORACLE_ITERATIONS = -1
 """The iteration count reported for a solution of the objective's oracle, which does not count its iterations."""
+
+DEFAULT_TOLERANCES = {torch.float64: 1e-4, torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.3}
+"""The residual tolerance of a :class:`Fallback` without one, by the dtype of the model: one that dtype can reach.
+
+A line search on f in precision ε stops once f's decrease falls below f's rounding error, at a gradient norm of
+about √(ε L |f|): about √ε on a problem of unit scale (3.5e-4 in float32), so 1e-4 is often out of float32's reach
+and the solver would stop short of it on rounding. Each value is about 3√ε of its dtype, and at least 1e-4."""
+
+DEFAULT_SOLVER_TOL = 1e-5
+"""The gradient tolerance of the default solver (L-BFGS) of a :class:`Fallback` without a tolerance: a tenth of the
+float64 default, below which float32 stops on rounding (``no_progress``) instead, at no extra cost."""
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The residual tolerance a :class:`Fallback` uses, without one of its own, for a model of ``dtype``
+    (:data:`DEFAULT_TOLERANCES`; ``max(1e-4, 3√ε)`` for another floating-point dtype)."""
+    if dtype in DEFAULT_TOLERANCES:
+        return DEFAULT_TOLERANCES[dtype]
+    if not dtype.is_floating_point:
+        return DEFAULT_TOLERANCES[torch.get_default_dtype()]
+    return max(1e-4, 3.0 * math.sqrt(torch.finfo(dtype).eps))
 
 
 @dataclass
@@ -147,8 +175,10 @@ class Fallback:
 
     Args:
         solver: refines predictions (and solves from scratch when the objective has no oracle and
-            ``from_scratch_solver`` is not given); default L-BFGS, 200 steps, gradient tolerance ``tolerance / 10``.
-        tolerance: the largest accepted residual ``‖y − P(y − ∇f(y))‖``.
+            ``from_scratch_solver`` is not given); default L-BFGS, 200 steps, gradient tolerance ``tolerance / 10``
+            (``1e-5`` without a tolerance).
+        tolerance: the largest accepted residual ``‖y − P(y − ∇f(y))‖``; default (``None``): one the model's dtype
+            can reach, :func:`default_tolerance` (1e-3 in float32, 1e-4 in float64).
         ood_quantile: the quantile level of the validation residuals (and context distances) that sets the
             out-of-distribution thresholds.
         ood_margin: the factor (≥ 1) on those quantiles: scores up to it count as in distribution.
@@ -157,13 +187,14 @@ class Fallback:
         from_scratch_solver: the solver for contexts that fall back, started from ``objective.initial_point``;
             default: the objective's oracle when it has one, else ``solver``.
         feasibility_tolerance: the largest constraint violation counted as feasible.
-        batch_size: contexts per batched call of the model and the solvers.
+        batch_size: contexts per call of the model and the solvers. Every call gets exactly this many rows
+            (fewer are padded with copies), so that no context's answer depends on the others in its batch.
     """
 
     def __init__(
         self,
         solver: Optional[Solver] = None,
-        tolerance: float = 1e-4,
+        tolerance: Optional[float] = None,
         ood_quantile: float = 0.99,
         ood_margin: float = 3.0,
         refine: bool = True,
@@ -172,7 +203,7 @@ class Fallback:
         feasibility_tolerance: float = 1e-6,
         batch_size: int = 1024,
     ) -> None:
-        if not tolerance > 0:
+        if tolerance is not None and not tolerance > 0:
             raise ValueError(f"Fallback: tolerance must be positive, got {tolerance}")
         if not 0.0 < ood_quantile <= 1.0:
             raise ValueError(f"Fallback: ood_quantile must lie in (0, 1], got {ood_quantile}")
@@ -186,8 +217,9 @@ class Fallback:
             if value is not None and not isinstance(value, Solver):
                 raise TypeError(f"Fallback: {name} must be a Solver (e.g. lightning_amor.solvers.LBFGS), got "
                                 f"{type(value).__name__}")
-        self.tolerance = float(tolerance)
-        self.solver = solver if solver is not None else LBFGS(steps=200, tol=self.tolerance / 10)
+        self.tolerance = None if tolerance is None else float(tolerance)
+        solver_tol = DEFAULT_SOLVER_TOL if self.tolerance is None else self.tolerance / 10
+        self.solver = solver if solver is not None else LBFGS(steps=200, tol=solver_tol)
         self.ood_quantile = float(ood_quantile)
         self.ood_margin = float(ood_margin)
         self.refine = bool(refine)
@@ -211,16 +243,23 @@ class Fallback:
         return type(self)(**args)
 
     def __repr__(self) -> str:
-        return (f"Fallback(solver={self.solver!r}, tolerance={self.tolerance:g}, ood_quantile={self.ood_quantile:g}, "
+        tolerance = "None (by the dtype)" if self.tolerance is None else f"{self.tolerance:g}"
+        return (f"Fallback(solver={self.solver!r}, tolerance={tolerance}, ood_quantile={self.ood_quantile:g}, "
                 f"ood_margin={self.ood_margin:g}, refine={self.refine}, fallback={self.fallback}, "
                 f"from_scratch_solver={self.from_scratch_solver!r})")
 
-    def threshold(self, calibration: Optional[Calibration]) -> Optional[float]:
+    def tolerance_for(self, dtype: torch.dtype) -> float:
+        """The residual tolerance for a model of ``dtype``: the policy's own, or :func:`default_tolerance`."""
+        return default_tolerance(dtype) if self.tolerance is None else self.tolerance
+
+    def threshold(self, calibration: Optional[Calibration], dtype: Optional[torch.dtype] = None) -> Optional[float]:
         """The out-of-distribution threshold on the prediction's residual, ``max(ood_margin × q, tolerance)`` with
-        q the ``ood_quantile`` of the calibration residuals, or ``None`` without calibration."""
+        q the ``ood_quantile`` of the calibration residuals, or ``None`` without calibration; the tolerance is
+        that for a model of ``dtype`` (default: torch's default dtype)."""
         if calibration is None:
             return None
-        return max(self.ood_margin * calibration.quantile(self.ood_quantile), self.tolerance)
+        tolerance = self.tolerance_for(dtype if dtype is not None else torch.get_default_dtype())
+        return max(self.ood_margin * calibration.quantile(self.ood_quantile), tolerance)
 
     def distance_threshold(self, calibration: Optional[Calibration]) -> Optional[float]:
         """The out-of-distribution threshold on the context's distance to the calibration contexts,
@@ -250,6 +289,7 @@ class Fallback:
             An :class:`InferenceResult` with a row for every context, in order.
         """
         calibration = calibration if calibration is not None else getattr(module, "calibration", None)
+        tolerance = self.tolerance_for(module.dtype)
         distance_threshold = self.distance_threshold(calibration) if self.fallback else None
         if threshold is None:
             if calibration is not None and not calibration.matches_weights:
@@ -258,14 +298,14 @@ class Fallback:
                     "recalibrate with lightning_amor.calibration.calibrate(module, validation_contexts)",
                     stacklevel=2,
                 )
-            threshold = self.threshold(calibration) if self.fallback else None
+            threshold = self.threshold(calibration, module.dtype) if self.fallback else None
         size = context_batch_size(x)
         chunks = []
         with evaluation_mode(module):
             for start in range(0, size, self.batch_size):
                 part = to_device(context_index(x, slice(start, start + self.batch_size)), module.device)
-                chunks.append(self._solve_chunk(module, part, threshold, calibration, distance_threshold))
-        return _concat(chunks, self.tolerance, self.feasibility_tolerance, threshold, distance_threshold,
+                chunks.append(self._solve_chunk(module, part, tolerance, threshold, calibration, distance_threshold))
+        return _concat(chunks, tolerance, self.feasibility_tolerance, threshold, distance_threshold,
                        module.objective.dim)
 
     # --- one chunk --------------------------------------------------------------------------------------------
@@ -274,6 +314,7 @@ class Fallback:
         self,
         module: AmortizedModule,
         x: Context,
+        tolerance: float,
         threshold: Optional[float],
         calibration: Optional[Calibration],
         distance_threshold: Optional[float],
@@ -285,28 +326,31 @@ class Fallback:
             rows.fail(index, reason)
         valid = [i for i in range(size) if not rows.failed[i]]
 
-        # 1. predict and certify
+        # 1. predict, certify, and measure the contexts' distance (in the same fixed-shape call)
         def predict(part: Context) -> tuple[Tensor, ...]:
             with torch.no_grad():
                 y = module(part).detach()
-            return (y, *certify(objective, y, part))
+            value, residual, violation = certify(objective, y, part)
+            distance = torch.full_like(value, math.nan)
+            if distance_threshold is not None:
+                distance = calibration.distance(context_features(part)).to(value.device, value.dtype)
+            return y, value, residual, violation, distance
 
-        done, out, failures = _isolated(predict, x, valid)
+        done, out, failures = _isolated(predict, x, valid, block=self.batch_size)
         for index, err in failures.items():
             rows.fail(index, f"the model or the objective raised on this context: {err}")
         if not done:
             return rows
-        y0, value0, residual0, violation0 = out
+        y0, value0, residual0, violation0, distance = out
         done_t = torch.tensor(done, device=y0.device)
         finite = torch.isfinite(y0).all(-1) & torch.isfinite(value0) & torch.isfinite(residual0)
         feasible = violation0 <= self.feasibility_tolerance
         score = torch.where(finite, residual0, torch.full_like(residual0, math.inf))
         ood = ~finite if threshold is None else (score > threshold) | ~finite
         if distance_threshold is not None:
-            distance = calibration.distance(context_features(context_index(x, done_t))).to(score.device, score.dtype)
             rows.context_distance[done_t] = distance.to(rows.context_distance.dtype)
             ood = ood | (distance > distance_threshold)
-        accepted = finite & feasible & (residual0 <= self.tolerance) & ~ood
+        accepted = finite & feasible & (residual0 <= tolerance) & ~ood
         rows.set(done_t, y0, value0, residual0, violation0)
         rows.ood_score[done_t] = score.to(rows.ood_score.dtype)
         rows.ood[done_t] = ood
@@ -316,12 +360,13 @@ class Fallback:
         ):
             rows.status[index] = "amortized"
             if not ok:
-                rows.reason[index] = _shortfall(is_finite, res, is_feasible, self.tolerance)
+                rows.reason[index] = _shortfall(is_finite, res, is_feasible, tolerance)
 
         # 2. contexts far outside the calibration contexts (the prediction is not trusted): solved from scratch
         fall_back = ood if self.fallback else torch.zeros_like(accepted)
         if bool(fall_back.any()):
-            self._run_solver(module, x, rows, [done[k] for k in fall_back.nonzero().flatten().tolist()], None)
+            self._run_solver(module, x, rows, [done[k] for k in fall_back.nonzero().flatten().tolist()], None,
+                             tolerance)
         if not self.fallback:
             for k in (~accepted & ~finite).nonzero().flatten().tolist():
                 rows.fail(done[k], "the prediction is not finite and fallback is off")
@@ -330,11 +375,17 @@ class Fallback:
         refine = ~accepted & finite & ~fall_back
         if self.refine and bool(refine.any()):
             picked = refine.nonzero().flatten().tolist()
-            self._run_solver(module, x, rows, [done[k] for k in picked], y0[picked])
+            self._run_solver(module, x, rows, [done[k] for k in picked], y0[picked], tolerance)
         return rows
 
     def _run_solver(
-        self, module: AmortizedModule, x: Context, rows: _Rows, indices: list[int], init: Optional[Tensor]
+        self,
+        module: AmortizedModule,
+        x: Context,
+        rows: _Rows,
+        indices: list[int],
+        init: Optional[Tensor],
+        tolerance: float,
     ) -> None:
         """Solve the contexts ``indices`` of ``x`` (from ``init``, ``len(indices) x n``, or from scratch), certify
         the solutions and record them; a failure is recorded by index with its reason."""
@@ -353,7 +404,7 @@ class Fallback:
                 y, iterations = result.y.detach(), result.iterations
             return (y, iterations, *certify(objective, y, part))
 
-        done, out, failures = _isolated(solve, x, indices, pass_indices=True)
+        done, out, failures = _isolated(solve, x, indices, pass_indices=True, block=self.batch_size)
         what = "the solver from scratch" if from_scratch else "the solver started from the prediction"
         for index, err in failures.items():
             rows.fail(index, f"{what} raised: {err}")
@@ -374,8 +425,8 @@ class Fallback:
                 continue
             rows.status[index] = "fell_back" if from_scratch else "refined"
             feasible = viol <= self.feasibility_tolerance
-            good = feasible and res <= self.tolerance
-            rows.reason[index] = "" if good else f"after {what}: " + _shortfall(True, res, feasible, self.tolerance)
+            good = feasible and res <= tolerance
+            rows.reason[index] = "" if good else f"after {what}: " + _shortfall(True, res, feasible, tolerance)
 
 
 def _shortfall(finite: bool, residual: float, feasible: bool, tolerance: float) -> str:
@@ -473,11 +524,18 @@ def _concat(
 
 
 def _isolated(
-    fn: Callable[..., tuple[Tensor, ...]], x: Context, indices: Sequence[int], pass_indices: bool = False
+    fn: Callable[..., tuple[Tensor, ...]],
+    x: Context,
+    indices: Sequence[int],
+    pass_indices: bool = False,
+    block: Optional[int] = None,
 ) -> tuple[list[int], tuple[Tensor, ...], dict[int, str]]:
     """Run ``fn`` on the contexts ``indices`` of ``x`` as one batch; if it raises, split the batch in halves until
     every context that raises on its own is found. Returns the indices that succeeded (in order), ``fn``'s
-    outputs for them (concatenated) and ``{index: error}`` for the others."""
+    outputs for them (concatenated) and ``{index: error}`` for the others.
+
+    With ``block``, every call of ``fn`` gets exactly ``block`` rows (at most ``block`` indices are ever given):
+    the picked ones, then copies of the first, whose outputs are dropped."""
     done: list[int] = []
     outputs: list[tuple[Tensor, ...]] = []
     failures: dict[int, str] = {}
@@ -485,9 +543,11 @@ def _isolated(
     def attempt(picked: list[int]) -> None:
         if not picked:
             return
-        part = context_index(x, torch.tensor(picked, device=context_device(x)))
+        padded = picked + picked[:1] * (block - len(picked)) if block is not None else picked
+        part = context_index(x, torch.tensor(padded, device=context_device(x)))
         try:
-            out = fn(part, picked) if pass_indices else fn(part)
+            out = fn(part, padded) if pass_indices else fn(part)
+            out = tuple(o[:len(picked)] for o in out)
         except Exception as err:  # noqa: BLE001 - any error of user code is reported for the contexts it hit
             if len(picked) == 1:
                 failures[picked[0]] = f"{type(err).__name__}: {err}"

@@ -62,7 +62,8 @@ def build_parser() -> ArgumentParser:
         "only the summary is printed.",
     )
     parser.add_argument("--tolerance", type=Optional[float], default=None,
-                        help="The largest accepted residual (default: the recipe's inference.tolerance).")
+                        help="The largest accepted residual (default: the recipe's inference.tolerance, or one the "
+                        "model's dtype can reach: 1e-3 in float32, 1e-4 in float64).")
     parser.add_argument("--refine", action=ActionYesNo(no_prefix="no-"), default=True,
                         help="Refine predictions whose residual exceeds the tolerance (--no-refine: only report).")
     parser.add_argument("--fallback", action=ActionYesNo(no_prefix="no-"), default=True,
@@ -80,7 +81,8 @@ def build_parser() -> ArgumentParser:
         "between validations), calibrate on the validation split of the data module it was trained with.",
     )
     parser.add_argument("--batch_size", "--batch-size", type=Optional[int], default=None,
-                        help="Contexts per batched call (default: the recipe's inference.batch_size).")
+                        help="Contexts per call of the model and the solvers, padded to exactly this many so that no "
+                        "context's answer depends on the others (default: the recipe's inference.batch_size).")
     parser.add_argument("--device", type=str, default="cpu", help="cpu, cuda, cuda:1, ...")
     return parser
 
@@ -107,7 +109,7 @@ def run(args: Any) -> InferenceResult:
     if out is not None:
         check_output(out, args.contexts)  # before any work: a solve must never be lost at the end
     contexts = read_contexts(args.contexts)
-    module = load_module(args.ckpt, map_location=args.device)
+    module = load_module(args.ckpt, map_location=args.device, option="--ckpt")
     datamodule = _datamodule(load_datamodule, args.ckpt)
     contexts = match_shape(contexts, _context_shape(datamodule), args.contexts)
 
@@ -156,7 +158,7 @@ def check_output(out: Path, contexts: Union[str, Path]) -> None:
 
 def _datamodule(load_datamodule: Any, ckpt: str) -> Optional[Any]:
     try:
-        return load_datamodule(ckpt)
+        return load_datamodule(ckpt, option="--ckpt")
     except Exception as err:  # noqa: BLE001 - without it, only the shape check and the calibration are skipped
         print(f"note: the checkpoint's data module cannot be built ({type(err).__name__}: {err}); the contexts' "
               "shape is not checked against it", file=sys.stderr)
