@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import warnings
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,11 +23,19 @@ from lightning_amor.checkpoint_io import (
     check_checkpoint_folders,
     use_verified_checkpoint_io,
 )
+from lightning_amor.config_errors import (
+    ConfigError,
+    check_config_files,
+    explain_instantiation_error,
+    explain_parse_error,
+)
 from lightning_amor.exit_codes import BAD_INPUT, NONFINITE, SAVE_FAILED, one_line_errors
 from lightning_amor.loading import LAST_OR_FRESH, check_checkpoint_file
 from lightning_amor.module import AmortizedModule, BadCheckpointError, NonFiniteLossError
 from lightning_amor.preemption import Preempted, PreemptionCheckpoint
-from lightning_amor.run_folder import fill_checkpoint_dirs, link_run_folder
+from lightning_amor.resume import RESUME_ANY_CONFIG, check_resume_config, read_checkpoint, resume_note
+from lightning_amor.run_folder import checkpoint_dirs, fill_checkpoint_dirs, link_run_folder
+from lightning_amor.run_lock import RunLock, is_first_process
 
 PROGRESS_REFRESH = 20
 """Steps between two redraws of the default progress bar."""
@@ -45,7 +54,18 @@ class AmortCLI(LightningCLI):
     model: unlike plain LightningCLI, which rebuilds the model from the hyperparameters stored in a ``--ckpt_path``
     file, a checkpoint of another model is an error listing the parameters that differ, and resuming with changed
     settings (``--model.init_args.nonfinite skip``, say) keeps them.
+
+    ``fit`` holds its checkpoint folders while it runs (:mod:`~lightning_amor.run_lock`), and ``--ckpt_path last``
+    names the file it resumes and refuses one written with another configuration (:mod:`~lightning_amor.resume`).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.run_locks: list[RunLock] = []
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            for lock in self.run_locks:  # however the run ended: done, an error, preempted
+                lock.release()
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The trainer, with a progress bar that redraws every ``PROGRESS_REFRESH`` steps unless the recipe brings
@@ -63,6 +83,9 @@ class AmortCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_argument(RESUME_ANY_CONFIG, type=bool, default=False,
+                            help="With --ckpt_path last: resume also from a checkpoint written with other model or "
+                            "data settings (they are listed); without it, such a checkpoint is refused.")
         link_run_folder(parser)
 
     def before_instantiate_classes(self) -> None:
@@ -72,6 +95,10 @@ class AmortCLI(LightningCLI):
         if self.subcommand == "fit":
             _refuse_training_nothing(config.trainer)
         fill_checkpoint_dirs(config.trainer)
+        if self.subcommand == "fit":
+            for folder in checkpoint_dirs(config.trainer):  # before anything is built: a busy folder is refused
+                self.run_locks.append(RunLock(folder))
+                self.run_locks[-1].acquire()
 
     def setup_parser(
         self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]
@@ -90,11 +117,37 @@ class AmortCLI(LightningCLI):
                 name, self.parser_class(prog=f"lightning-amor {name}", description=summary), help=summary
             )
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """A parser that raises its errors (:meth:`parse_arguments` words them) instead of printing its usage."""
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
+        """Parse as LightningCLI does, after checking the config files; every parse error is a
+        :class:`~lightning_amor.config_errors.ConfigError` (one line for files and class paths)."""
+        argv = [str(word) for word in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        check_config_files(argv)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            known = argv and argv[0] in TRAINER_SUBCOMMANDS
+            raise explain_parse_error(str(err), argv, f"lightning-amor {argv[0]}" if known else "lightning-amor") \
+                from err
         subcommand = self.config.get("subcommand")
         if subcommand:
-            check_checkpoint_file(self.config[subcommand].get("ckpt_path"))
+            check_checkpoint_file(self.config[subcommand].get("ckpt_path"), option="--ckpt_path")
+
+    def instantiate_classes(self) -> None:
+        """Build the classes; a value a constructor refuses (its ``ValueError``) is one line keeping its message."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            config = self.config[self.subcommand] if self.subcommand else self.config
+            sections = {name: (config.get(name) or {}).get("class_path") for name in ("model", "data")}
+            explained = explain_instantiation_error(err, sections)
+            if explained is None:
+                raise
+            raise explained from err
 
     def _parse_ckpt_path(self) -> None:
         """Keep the recipe's model (LightningCLI would rebuild it from the checkpoint's hyperparameters)."""
@@ -114,7 +167,10 @@ class AmortCLI(LightningCLI):
             if path.suffix == callback.FILE_EXTENSION and path.stem.startswith(callback.CHECKPOINT_NAME_LAST)
         ]
         if found:
-            check_checkpoint_file(max(found, key=lambda path: path.stat().st_mtime))
+            newest = max(found, key=lambda path: path.stat().st_mtime)
+            check_checkpoint_file(newest)
+            if self.subcommand == "fit":
+                self._check_resume(newest)
         elif asked == "last":
             folders = [str(cb.dirpath) for cb in self.trainer.checkpoint_callbacks
                        if isinstance(cb, ModelCheckpoint) and cb.dirpath]
@@ -125,6 +181,19 @@ class AmortCLI(LightningCLI):
             )
         if asked == LAST_OR_FRESH:
             self.config_init[self.subcommand]["ckpt_path"] = "last" if found else None
+
+    def _check_resume(self, path: Path) -> None:
+        """Say which checkpoint ``fit --ckpt_path last`` resumes; refuse one written with another configuration
+        unless ``--resume_any_config true`` (:mod:`~lightning_amor.resume`)."""
+        checkpoint = read_checkpoint(path)
+        any_config = bool(self.config[self.subcommand].get("resume_any_config"))
+        differences = check_resume_config(path, checkpoint, self.model.hparams,
+                                          getattr(self.datamodule, "hparams", None), any_config)
+        if is_first_process():
+            if differences:
+                print(f"lightning-amor: note: resuming with another configuration ({RESUME_ANY_CONFIG} true): "
+                      + "; ".join(differences), file=sys.stderr)
+            print(resume_note(path, checkpoint), file=sys.stderr, flush=True)
 
     def before_fit(self) -> None:
         self._check_last_checkpoint()
@@ -209,6 +278,7 @@ EXTRA_SUBCOMMANDS = {
 
 
 ONE_LINE_ERRORS: dict[type[BaseException], int] = {
+    ConfigError: BAD_INPUT,
     BadCheckpointError: BAD_INPUT,
     CheckpointFolderError: BAD_INPUT,
     CheckpointSaveError: SAVE_FAILED,
@@ -267,6 +337,12 @@ def main(args: Optional[list[str]] = None) -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
+    known = [*TRAINER_SUBCOMMANDS, *EXTRA_SUBCOMMANDS]
+    if not argv or (not argv[0].startswith("-") and argv[0] not in known):
+        what = "no subcommand was given" if not argv else f"unknown subcommand {argv[0]!r}"
+        print(f"lightning-amor: error: {what}; choose one of {{{','.join(known)}}} "
+              "(`lightning-amor --help` says what each does)", file=sys.stderr)
+        raise SystemExit(2)
     missing = missing_bases(argv)
     if missing:
         recipe, base = missing[0]
