@@ -16,6 +16,7 @@ an amortized prediction.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -24,7 +25,7 @@ import torch
 from torch import Tensor
 
 from lightning_amor.autograd_utils import constant_context, gradients_enabled, usable
-from lightning_amor.objective import Context, Objective, context_batch_size, context_repeat
+from lightning_amor.objective import Context, Objective, context_batch_size, context_index, context_repeat
 from lightning_amor.steps import adam_direction, adam_moments, gradient_step
 
 Callback = Callable[[int, Tensor], None]
@@ -34,10 +35,12 @@ __all__ = ["LBFGS", "STOP_REASONS", "Adam", "Callback", "GradientDescent", "Mult
            "context_seeds"]
 
 
-STOP_REASONS = ("converged", "max_steps", "no_progress", "not_finite")
+STOP_REASONS = ("converged", "max_steps", "no_progress", "not_finite", "underflow")
 """Why a solver stopped on a context (:attr:`SolverResult.stopped` holds indices into this tuple): its gradient norm
 reached the tolerance at a finite value; it ran every step; it could not lower f any more (a line search found no
-decrease, e.g. on a plateau or at float precision); or f or its gradient was NaN or infinite."""
+decrease, e.g. on a plateau or at float precision); f or its gradient was NaN or infinite; or the gradient vanished
+only in the solve's low precision (exactly zero in float32 or float16, above the tolerance in float64), so the
+point is not certified."""
 
 
 @dataclass
@@ -186,6 +189,46 @@ def _stop_reasons(converged: Tensor, value: Tensor, grad: Tensor, no_progress: O
     return torch.where(finite, reason, STOP_REASONS.index("not_finite"))
 
 
+def _finish(
+    objective: Objective, x: Context, y: Tensor, value: Tensor, grad: Tensor, tol: Optional[float],
+    no_progress: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(converged, stopped)`` of a solve's final state, each ``B``.
+
+    A context whose low-precision gradient is exactly zero is checked again in float64: a gradient that underflowed
+    (f built from tiny intermediate values) would otherwise certify a point whose float64 gradient is far above the
+    tolerance. Such a context is not converged and stops with the reason ``underflow``.
+    """
+    converged = _converged(grad, value, tol)
+    stopped = _stop_reasons(converged, value, grad, no_progress)
+    if tol is None or y.dtype == torch.float64:
+        return converged, stopped
+    suspect = converged & (grad == 0).all(-1)
+    if not bool(suspect.any()):
+        return converged, stopped
+    rows = suspect.nonzero().flatten()
+    try:
+        precise = copy.deepcopy(objective).double()
+        _, grad64 = _value_and_grad(precise, y[rows].double(), _as_float64(context_index(x, rows)))
+    except Exception:  # noqa: BLE001 - an objective that cannot run in float64 keeps its low-precision verdict
+        return converged, stopped
+    underflow = grad64.norm(dim=-1) > tol
+    if bool(underflow.any()):
+        bad = rows[underflow]
+        converged = converged.clone()
+        converged[bad] = False
+        stopped = stopped.clone()
+        stopped[bad] = STOP_REASONS.index("underflow")
+    return converged, stopped
+
+
+def _as_float64(x: Context) -> Context:
+    """A context with its floating-point tensors in float64."""
+    if isinstance(x, Tensor):
+        return x.double() if x.is_floating_point() else x
+    return {k: v.double() if v.is_floating_point() else v for k, v in x.items()}
+
+
 def _active(grad: Tensor, value: Tensor, tol: float) -> Tensor:
     """``B`` bool: rows that keep iterating: finite, with a gradient norm above ``tol``."""
     return torch.isfinite(value) & (grad.norm(dim=-1) > tol)
@@ -239,8 +282,8 @@ class GradientDescent(Solver):
             value, grad = _value_and_grad(objective, y, x)
             if callback is not None:
                 callback(k + 1, y)
-        converged = _converged(grad, value, self.tol)
-        return SolverResult(y, value, iterations, converged, _stop_reasons(converged, value, grad))
+        converged, stopped = _finish(objective, x, y, value, grad, self.tol)
+        return SolverResult(y, value, iterations, converged, stopped)
 
 
 class Adam(Solver):
@@ -322,8 +365,8 @@ class Adam(Solver):
             value, grad = _value_and_grad(objective, y, x)
             if callback is not None:
                 callback(k + 1, y)
-        converged = _converged(grad, value, self.tol)
-        return SolverResult(y, value, iterations, converged, _stop_reasons(converged, value, grad))
+        converged, stopped = _finish(objective, x, y, value, grad, self.tol)
+        return SolverResult(y, value, iterations, converged, stopped)
 
 
 class LBFGS(Solver):
@@ -441,8 +484,8 @@ class LBFGS(Solver):
                 converged = converged | (active & _converged(grad, value, self.tol))
             if callback is not None:
                 callback(k + 1, y)
-        converged = _converged(grad, value, self.tol)
-        return SolverResult(y, value, iterations, converged, _stop_reasons(converged, value, grad, stalled))
+        converged, stopped = _finish(objective, x, y, value, grad, self.tol, stalled)
+        return SolverResult(y, value, iterations, converged, stopped)
 
     @staticmethod
     def _direction(grad: Tensor, mem_s: Tensor, mem_y: Tensor, rho: Tensor, filled: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from lightning_amor.objective import Context, Objective
-from lightning_amor.solvers import LBFGS, Adam, GradientDescent, MultiStart, Solver, SolverResult
+from lightning_amor.solvers import LBFGS, STOP_REASONS, Adam, GradientDescent, MultiStart, Solver, SolverResult
 
 
 def _spd_matrix(dim: int = 5) -> Tensor:
@@ -405,3 +405,25 @@ def test_stop_reasons_of_a_normal_run() -> None:
     objective, x = Quadratic(), _contexts(3, 5)
     assert LBFGS(steps=100, tol=1e-8).solve(objective, x).reasons() == ["converged"] * 3
     assert GradientDescent(steps=2, lr=0.01, tol=1e-8).solve(objective, x).reasons() == ["max_steps"] * 3
+
+
+class Underflow(Objective):
+    """f(y) = c · Σ y with c = e^-104 · 1e38 ≈ 6.8e-8, computed in that order: in float32 e^-104 rounds to 0, so f
+    and its gradient are exactly 0, while the float64 gradient is c per coordinate, above a tolerance of 1e-8."""
+
+    dim = 2
+
+    def value(self, y: Tensor, x: Context) -> Tensor:
+        tiny = torch.exp(torch.tensor(-104.0, dtype=torch.float64)).to(y.dtype)
+        return (y * tiny * 1e38).sum(-1) + 0.0 * x.sum(-1)
+
+
+@pytest.mark.parametrize("solver", [GradientDescent(steps=5, tol=1e-8), Adam(steps=5, tol=1e-8),
+                                    LBFGS(steps=5, tol=1e-8)], ids=["gd", "adam", "lbfgs"])
+def test_a_gradient_that_underflows_in_float32_certifies_nothing(solver: Solver) -> None:
+    x = torch.zeros(3, 2)
+    result = solver.solve(Underflow(), x, init=torch.ones(3, 2))
+    assert not bool(result.converged.any())
+    assert result.reasons() == ["underflow"] * 3
+    exact = solver.solve(Quadratic(), _contexts(2, 5))  # an exactly zero float64 gradient is still converged
+    assert not bool((exact.stopped == STOP_REASONS.index("underflow")).any())
