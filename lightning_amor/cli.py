@@ -24,8 +24,10 @@ from lightning_amor.checkpoint_io import (
     use_verified_checkpoint_io,
 )
 from lightning_amor.config_errors import (
+    CONFIG_OPTIONS,
     ConfigError,
     check_config_files,
+    config_files,
     explain_instantiation_error,
     explain_parse_error,
 )
@@ -295,7 +297,7 @@ def missing_bases(argv: list[str]) -> list[tuple[Path, Path]]:
     lose the base's logger and checkpoints."""
     from lightning_amor.commands.recipes import recipe_configs
 
-    configs = [Path(value) for value in _option_values(argv, "--config")]
+    configs = [path for option, path in config_files(argv) if option in CONFIG_OPTIONS]
     missing = []
     for position, config in enumerate(configs):
         if not config.is_file():
@@ -310,16 +312,6 @@ def missing_bases(argv: list[str]) -> list[tuple[Path, Path]]:
         given = {c.resolve() for c in configs[:position]}
         missing += [(config, base) for base in wanted[: order.index(config.resolve())] if base.resolve() not in given]
     return missing
-
-
-def _option_values(argv: list[str], option: str) -> list[str]:
-    values = []
-    for k, word in enumerate(argv):
-        if word == option and k + 1 < len(argv):
-            values.append(argv[k + 1])
-        elif word.startswith(option + "="):
-            values.append(word.split("=", 1)[1])
-    return values
 
 
 def main(args: Optional[list[str]] = None) -> None:

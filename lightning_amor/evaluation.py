@@ -38,7 +38,7 @@ import statistics
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import Tensor
@@ -493,7 +493,7 @@ def evaluate(
     total = context_batch_size(x)
 
     with evaluation_mode(module):
-        y, prediction_seconds = _timed_prediction(lambda: module(x), device, warmup, prediction_repeats)
+        y, prediction_seconds = _timed_prediction(module, x, warmup, prediction_repeats)
         with torch.no_grad():
             f_pred = objective(y, x)
         finite = torch.isfinite(y).all(-1) & torch.isfinite(f_pred)
@@ -535,18 +535,15 @@ def evaluate(
     )
 
 
-def _timed_prediction(predict: Callable[[], Tensor], device: torch.device, warmup: int,
-                      repeats: int) -> tuple[Tensor, float]:
-    """The prediction ``B x n`` and the median of ``repeats`` synchronised wall times after ``warmup`` calls."""
+def _timed_prediction(module: Any, x: Context, warmup: int, repeats: int) -> tuple[Tensor, float]:
+    """The prediction ``B x n`` and the median in seconds of ``repeats`` of the module's synchronised
+    :meth:`~lightning_amor.module.AmortizedModule.timed_prediction` after ``warmup`` calls."""
     times = []
     with torch.no_grad():
         for i in range(warmup + repeats):
-            synchronize(device)
-            begin = time.perf_counter()
-            y = predict()
-            synchronize(device)
+            y, elapsed_ms = module.timed_prediction(x)
             if i >= warmup:
-                times.append(time.perf_counter() - begin)
+                times.append(elapsed_ms / 1000.0)
     return y.detach(), statistics.median(times)
 
 

@@ -566,7 +566,3 @@ def _isolated(
     joined = tuple(torch.cat([o[j] for o in outputs]) for j in range(len(outputs[0])))
     perm = torch.tensor(order, device=joined[0].device)
     return sorted(done), tuple(t[perm.to(t.device)] for t in joined), failures
-
-
-
-

@@ -256,6 +256,7 @@ class AmortizedModule(LightningModule):
         self._skip_update = False
         self._inner_f_sums = [0.0, 0.0, 0]  # Σ mean f before, Σ after the inner steps, logging steps counted
         self._inner_rise_warned = False
+        self._oracle_beaten_warned = False
         self._rng_states: Optional[tuple[Tensor, Optional[Tensor]]] = None  # kept during validation
 
     @property
@@ -565,8 +566,10 @@ class AmortizedModule(LightningModule):
         x, _ = unpack_batch(batch)
         return self(x)
 
-    def _log_metrics(self, prefix: str, metrics: AmortizationMetrics) -> None:
-        values = metrics.compute()
+    def _log_metrics(
+        self, prefix: str, metrics: AmortizationMetrics, values: Optional[dict[str, Tensor]] = None
+    ) -> None:
+        values = metrics.compute() if values is None else values
         self.log_dict({f"{prefix}/{k}": v for k, v in values.items()}, prog_bar=False)
         metrics.reset()
         for name, mean in self.evaluation_means[prefix].items():
@@ -575,8 +578,9 @@ class AmortizedModule(LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         """Log the validation metrics and calibrate the inference policy on this validation's residuals."""
-        self._warn_if_oracle_beaten(self.val_metrics.compute())
-        self._log_metrics("val", self.val_metrics)
+        values = self.val_metrics.compute()
+        self._warn_if_oracle_beaten(values)
+        self._log_metrics("val", self.val_metrics, values)
         if self.val_residuals.update_count > 0:
             residuals = self.val_residuals.compute()  # every rank's, under DDP
             features = self.val_contexts.compute() if self.val_contexts.update_count > 0 else None
@@ -590,7 +594,7 @@ class AmortizedModule(LightningModule):
         (:data:`GAP_NOISE` of the larger of |mean f(ŷ)| and |mean f(y*)|, plus :data:`GAP_NOISE_FLOOR`): the
         predictions then "beat" the oracle, so its references are wrong or stale."""
         cache_file = getattr(self.trainer.datamodule, "cache_file", None) if self._trainer is not None else None
-        if "gap" not in values or cache_file is None or getattr(self, "_oracle_beaten_warned", False):
+        if "gap" not in values or cache_file is None or self._oracle_beaten_warned:
             return
         gap, f_pred = float(values["gap"]), float(values["objective"])
         noise = GAP_NOISE * max(abs(f_pred), abs(f_pred - gap)) + GAP_NOISE_FLOOR

@@ -33,12 +33,12 @@ from torch import Tensor
 from lightning_amor.objective import Context, Objective
 from lightning_amor.proximal import prox_gradient_map
 from lightning_amor.solvers import (
-    STOP_REASONS,
     Callback,
     Solver,
     SolverResult,
     _check_steps,
     _check_tol,
+    _stop_reasons,
     _value_and_grad,
 )
 
@@ -127,9 +127,7 @@ class ISTA(Solver):
             converged = torch.zeros_like(iterations, dtype=torch.bool)
         else:
             converged = (residual <= self.tol) & torch.isfinite(value)
-        stopped = torch.full_like(iterations, STOP_REASONS.index("max_steps"))
-        stopped = torch.where(nonfinite | ~torch.isfinite(value), STOP_REASONS.index("not_finite"), stopped)
-        stopped = torch.where(converged, STOP_REASONS.index("converged"), stopped)
+        stopped = _stop_reasons(converged, ~nonfinite & torch.isfinite(value))
         return SolverResult(y, value, iterations, converged, stopped)
 
     def _solve(

@@ -179,13 +179,13 @@ def _converged(grad: Tensor, value: Tensor, tol: Optional[float]) -> Tensor:
     return torch.isfinite(value) & (grad.norm(dim=-1) <= tol)
 
 
-def _stop_reasons(converged: Tensor, value: Tensor, grad: Tensor, no_progress: Optional[Tensor] = None) -> Tensor:
-    """``B`` indices into :data:`STOP_REASONS` from the final state of a solve."""
+def _stop_reasons(converged: Tensor, finite: Tensor, no_progress: Optional[Tensor] = None) -> Tensor:
+    """``B`` indices into :data:`STOP_REASONS` from the final state of a solve (``finite``: f and its gradient are
+    finite at the returned point)."""
     reason = torch.full_like(converged, STOP_REASONS.index("max_steps"), dtype=torch.int64)
     if no_progress is not None:
         reason = torch.where(no_progress, STOP_REASONS.index("no_progress"), reason)
     reason = torch.where(converged, STOP_REASONS.index("converged"), reason)
-    finite = torch.isfinite(value) & torch.isfinite(grad).all(-1)
     return torch.where(finite, reason, STOP_REASONS.index("not_finite"))
 
 
@@ -200,7 +200,7 @@ def _finish(
     tolerance. Such a context is not converged and stops with the reason ``underflow``.
     """
     converged = _converged(grad, value, tol)
-    stopped = _stop_reasons(converged, value, grad, no_progress)
+    stopped = _stop_reasons(converged, torch.isfinite(value) & torch.isfinite(grad).all(-1), no_progress)
     if tol is None or y.dtype == torch.float64:
         return converged, stopped
     suspect = converged & (grad == 0).all(-1)
