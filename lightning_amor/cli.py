@@ -17,6 +17,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, ProgressBar, 
 from pytorch_lightning.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from datamodules.context import ContextDataModule, NonFiniteDataError
+from lightning_amor import __version__
 from lightning_amor.checkpoint_io import (
     CheckpointFolderError,
     CheckpointSaveError,
@@ -35,6 +36,7 @@ from lightning_amor.exit_codes import BAD_INPUT, NONFINITE, SAVE_FAILED, one_lin
 from lightning_amor.loading import LAST_OR_FRESH, check_checkpoint_file
 from lightning_amor.module import AmortizedModule, BadCheckpointError, NonFiniteLossError
 from lightning_amor.preemption import Preempted, PreemptionCheckpoint
+from lightning_amor.recipe_files import display_config, expand_recipe_names
 from lightning_amor.resume import RESUME_ANY_CONFIG, check_resume_config, read_checkpoint, resume_note
 from lightning_amor.run_folder import checkpoint_dirs, fill_checkpoint_dirs, link_run_folder
 from lightning_amor.run_lock import RunLock, is_first_process
@@ -258,7 +260,9 @@ def _close_process_group() -> None:
 
 DESCRIPTION = (
     "lightning-amor: train amortized optimization models (y*(x) = argmin_y f(y; x)) with PyTorch Lightning. "
-    "Train with `lightning-amor fit --config RECIPE`; `lightning-amor recipes` lists the shipped recipes."
+    "Train with `lightning-amor fit --config RECIPE` (a file, or a shipped recipe by name, e.g. "
+    "sphere/semi_sum_regression); `lightning-amor recipes` lists the shipped recipes; `lightning-amor --version` "
+    "prints the version."
 )
 """The top-level ``--help`` text."""
 
@@ -277,6 +281,10 @@ EXTRA_SUBCOMMANDS = {
     "export": ("lightning_amor.commands.export", "Export a trained amortizer to TorchScript and ONNX."),
     "evaluate": ("lightning_amor.commands.evaluate", "Speed-up, warm-start saving and gap of a model vs a solver."),
 }
+
+
+RECIPE_SUBCOMMANDS = (*TRAINER_SUBCOMMANDS, "evaluate")
+"""The subcommands whose ``--config`` may name a shipped recipe (:mod:`~lightning_amor.recipe_files`)."""
 
 
 ONE_LINE_ERRORS: dict[type[BaseException], int] = {
@@ -318,6 +326,21 @@ def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``lightning-amor`` console script: LightningCLI's fit / validate / test / predict, and
     the subcommands in :data:`EXTRA_SUBCOMMANDS`."""
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["--version"]:
+        print(f"lightning-amor {__version__}")
+        return
+    if argv and argv[0] in RECIPE_SUBCOMMANDS:
+        with one_line_errors(f"lightning-amor {argv[0]}", {ConfigError: BAD_INPUT}):
+            expanded, notes = expand_recipe_names(argv)
+        if is_first_process():
+            for note in notes:
+                print(note, file=sys.stderr)
+        if expanded != argv:
+            argv = expanded
+            if args is None:
+                sys.argv[1:] = argv  # what LightningCLI parses, and what DDP reruns in the other processes
+            else:
+                args = argv
     if os.getcwd() not in sys.path and "" not in sys.path:
         # As `python -m` does: recipes may name classes of the user's own modules in the current folder. Appended,
         # so that a local file never shadows an installed package.
@@ -341,7 +364,7 @@ def main(args: Optional[list[str]] = None) -> None:
         subcommand = argv[0] if argv and not argv[0].startswith("-") else "fit"
         print(f"lightning-amor: error: the recipe {recipe} is composed with the shared settings {base} (the logger "
               f"and the checkpoints), which were not given before it; run\n  lightning-amor {subcommand} "
-              f"--config {base} --config {recipe} ...", file=sys.stderr)
+              f"--config {display_config(base)} --config {recipe} ...", file=sys.stderr)
         raise SystemExit(2)
     program = f"lightning-amor {argv[0]}" if argv and not argv[0].startswith("-") else "lightning-amor"
     try:

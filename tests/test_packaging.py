@@ -1,19 +1,25 @@
-"""Packaging: the version bounds cover what is tested, and another project's ``datamodules`` package never silently
-replaces lightning-amor's (or is silently replaced by it) in one environment."""
+"""Packaging: the version bounds cover what is tested, the version lives in one place, every package and the
+recipes are built, every third-party import is a declared dependency, and another project's ``datamodules`` package
+never silently replaces lightning-amor's (or is silently replaced by it) in one environment. (The wheel itself is
+built, installed and run in tests/test_wheel_install.py.)"""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import packages_distributions, version
 from pathlib import Path
 
 import pytest
 import tomllib
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import datamodules
+import lightning_amor
+from lightning_amor.cli import main
 from lightning_amor.datamodules_guard import expected_location, other_locations
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,9 +27,63 @@ BOUNDED = ("torch", "pytorch-lightning", "jsonargparse")
 """The libraries whose private symbols lightning-amor uses (tests/test_private_api.py): bounded above."""
 
 
-def requirements() -> dict[str, Requirement]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return {Requirement(line).name: Requirement(line) for line in project["dependencies"]}
+PACKAGES = ("lightning_amor", "datamodules")
+"""The top-level packages of the distribution."""
+
+IMPORT_EXTRAS = ("apps", "export")
+"""The extras whose libraries the package imports (where a recipe or a subcommand needs them)."""
+
+
+def pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def requirements(extra: str | None = None) -> dict[str, Requirement]:
+    project = pyproject()["project"]
+    lines = project["dependencies"] if extra is None else project["optional-dependencies"][extra]
+    return {Requirement(line).name: Requirement(line) for line in lines}
+
+
+def test_the_version_lives_in_one_place(capsys):
+    config = pyproject()
+    assert "version" not in config["project"] and "version" in config["project"]["dynamic"]
+    assert config["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "lightning_amor.__version__"}
+    assert version("lightning-amor") == lightning_amor.__version__, "reinstall: pip install -c constraints.txt -e ."
+    main(["--version"])
+    assert capsys.readouterr().out == f"lightning-amor {lightning_amor.__version__}\n"
+
+
+def test_every_package_is_built_and_the_recipes_ship_inside_the_package():
+    setuptools = pyproject()["tool"]["setuptools"]
+    found = {".".join(init.parent.relative_to(REPO).parts) for package in PACKAGES
+             for init in (REPO / package).rglob("__init__.py")}
+    assert set(setuptools["packages"]) == found | {"lightning_amor.recipes"}, (
+        "list every package (a folder with an __init__.py) in pyproject.toml's [tool.setuptools] packages")
+    assert setuptools["package-dir"] == {"lightning_amor.recipes": "recipes"}
+    assert setuptools["package-data"]["lightning_amor.recipes"] == ["**/*"]
+
+
+def test_every_imported_library_is_a_declared_dependency():
+    imported: dict[str, set[str]] = {}
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    imported.setdefault(name.split(".")[0], set()).add(path.relative_to(REPO).as_posix())
+    third_party = {name: files for name, files in imported.items()
+                   if name not in sys.stdlib_module_names and name not in PACKAGES}
+    distributions = packages_distributions()
+    declared = {canonicalize_name(name) for extra in (None, *IMPORT_EXTRAS) for name in requirements(extra)}
+    undeclared = {name: sorted(files) for name, files in third_party.items()
+                  if not {canonicalize_name(dist) for dist in distributions.get(name, [name])} & declared}
+    assert not undeclared, (f"imported but not declared in pyproject.toml (dependencies, or the extras "
+                            f"{IMPORT_EXTRAS}): {undeclared}")
 
 
 @pytest.mark.parametrize("name", BOUNDED)
