@@ -126,7 +126,8 @@ class Objective(nn.Module):
 
     def forward(self, y: Solution, x: Context) -> Tensor:
         """f(y; x) for flat ``B x n`` (or structured) solutions, with shape validation on the first call: ``B``."""
-        if not isinstance(y, Tensor) or self._structure is not None:
+        # a 2-d tensor is the flat carrier: a wrong width is reported by _check_input (an ObjectiveShapeError)
+        if not isinstance(y, Tensor) or (self._structure is not None and y.dim() != 2):
             y = self.flatten(y)
         if not self._shapes_checked:
             self._check_input(y, x)
