@@ -137,6 +137,11 @@ def _child(parent: Any, dotted: str, name: str) -> Any:
     return None
 
 
+EXTRA_OF_MODULE = {"gymnasium": "apps", "ot": "apps", "cvxpy": "apps", "osqp": "apps", "scipy": "apps",
+                   "onnx": "export", "onnxscript": "export", "onnxruntime": "export"}
+"""The optional dependencies an application or feature imports, by top-level module, and the extra that installs
+them (pyproject.toml's ``[project.optional-dependencies]``)."""
+
 _CLASS_PATH_PROBLEMS = (
     re.compile(r"Problem with given class_path '(?P<path>[^']+)':\s*\n\s*(?P<reason>[^\n]+)"),
     re.compile(r"expects a function or a callable class: (?P<reason>.+?)\. Got value: (?P<path>\S+)"),
@@ -154,7 +159,14 @@ def explain_parse_error(message: str, argv: list[str], program: str) -> ConfigEr
         if _imports(path):
             continue  # the class exists: the problem is in its arguments, which jsonargparse words well
         suggestion = suggest_class_path(path)
-        fix = f"did you mean {suggestion}?" if suggestion else "check the spelling, or install the package defining it"
+        missing = re.search(r"No module named '(?P<module>[\w.]+)'", reason)
+        extra = EXTRA_OF_MODULE.get(missing.group("module").split(".")[0]) if missing else None
+        if extra is not None:
+            fix = f'install the `{extra}` extra: pip install "lightning-amor[{extra}]"'
+        elif suggestion:
+            fix = f"did you mean {suggestion}?"
+        else:
+            fix = "check the spelling, or install the package defining it"
         return ConfigError(f"{_where(path, argv)}{path} cannot be imported ({reason.strip()}); {fix}")
     return ConfigError(f"{message}\n(`{program} --help` lists the accepted options)")
 

@@ -174,3 +174,17 @@ def test_python_callers_are_answered_in_python_terms(load, tmp_path):
         message = str(info.value)
         assert f"the checkpoint {path} does not exist; pass the path of a .ckpt file" in message, message
         assert "--ckpt" not in message and "`last`" not in message, message
+
+
+@pytest.mark.parametrize(("module", "extra"), [("osqp", "apps"), ("ot", "apps"), ("gymnasium", "apps"),
+                                               ("onnxruntime", "export")])
+def test_a_class_whose_optional_dependency_is_missing_names_the_extra_to_install(module, extra):
+    from lightning_amor.config_errors import explain_parse_error
+
+    message = (f"Problem with given class_path 'lightning_amor.apps.not_installed_here.Thing':\n"
+               f"    No module named '{module}'\n")
+    error = str(explain_parse_error(message, [], "lightning-amor fit"))
+    assert f'pip install "lightning-amor[{extra}]"' in error, error
+    assert "\n" not in error
+    other = str(explain_parse_error(message.replace(f"'{module}'", "'unheard_of'"), [], "lightning-amor fit"))
+    assert "lightning-amor[" not in other, other
