@@ -27,6 +27,7 @@ Everything runs in one process on one device, on the same task batches, from the
     OMP_NUM_THREADS=1 python -m benchmarks.maml            # the full run (about 8-10 minutes on 2 shared cores)
     OMP_NUM_THREADS=1 python -m benchmarks.maml --quick    # a smoke run: a few meta-iterations, no RESULTS.md
     OMP_NUM_THREADS=1 python -m benchmarks.maml --only imaml  # rerun the iMAML row into the last full run's results
+    OMP_NUM_THREADS=1 python -m benchmarks.maml --only timing  # rerun the time and memory part (and gradient check)
 """
 
 from __future__ import annotations
@@ -558,6 +559,12 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         lines.append(f"- {k} inner step(s): our second-order meta-step {ours:.2f} ms, TorchOpt functional "
                      f"{theirs:.2f} ms (ratio ours / theirs {ours / theirs:.2f}: {verdict}), TorchOpt loop "
                      f"{loop:.2f} ms.")
+    if results["meta"].get("timing_rerun"):
+        rerun = results["meta"]["timing_rerun"]
+        lines.append(f"- This time and memory table and the gradient check were rerun alone on {rerun['date']} "
+                     f"(`--only timing`, {rerun['repeats']} interleaved batches per point, load average "
+                     f"{rerun['load'][0]:.1f} at the start, {rerun['load'][1]:.1f} at the end); the training times "
+                     f"of the first table are the full run's.")
     if results.get("digits"):
         lines += ["", "### Few-shot digits: held-out query accuracy after 0 / 1 / 5 / 10 steps (± 95% CI)", "",
                   f"3-way 5-shot tasks, digits 0-6 for meta-training, {args.held_out} tasks of the held-out digits "
@@ -585,8 +592,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few meta-iterations, no RESULTS.md")
     parser.add_argument("--results", default="benchmarks/RESULTS.md")
     parser.add_argument("--out", default="benchmarks/figures")
-    parser.add_argument("--only", choices=["imaml"], default=None,
-                        help="rerun only this sinusoid K = 10 row, into the last full run's maml_results.json")
+    parser.add_argument("--only", choices=["imaml", "timing"], default=None,
+                        help="rerun only the sinusoid K = 10 iMAML row, or only the time and memory per meta-step "
+                             "(with the gradient check), into the last full run's maml_results.json")
     args = parser.parse_args(argv)
     if args.only:
         return rerun_only(args)
@@ -625,7 +633,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
 
 def rerun_only(args: argparse.Namespace) -> dict[str, Any]:
-    """Rerun one K = 10 sinusoid row and rewrite the report with every other number from the last full run."""
+    """Rerun one K = 10 sinusoid row (``imaml``) or the time and memory part (``timing``: :func:`scaling` with
+    ``--inner-steps`` and ``--repeats``, and :func:`gradient_agreement`), and rewrite the report with every other
+    number from the last full run."""
     out = Path(args.out)
     saved = out / "maml_results.json"
     if not saved.exists():
@@ -633,14 +643,27 @@ def rerun_only(args: argparse.Namespace) -> dict[str, Any]:
     results = json.loads(saved.read_text())
     args.iterations, args.held_out = results["meta"]["iterations"], results["meta"].get("held_out", args.held_out)
     args.digits_iterations = results["meta"]["digits_iterations"]
-    args.repeats = results["meta"].get("repeats", 20)
     load = [os.getloadavg()[0]]
     device = torch.device(args.device)
+    if args.only == "timing":
+        print("scaling in the inner steps (the time and memory part only)", flush=True)
+        results["scaling"] = scaling(args.inner_steps, args.repeats, device)
+        results["gradient_agreement"] = gradient_agreement(device)
+        load.append(os.getloadavg()[0])
+        results["meta"]["repeats"] = args.repeats
+        results["meta"]["timing_rerun"] = {"date": str(date.today()), "load": load, "repeats": args.repeats}
+        return _rewrite(results, args, saved, out)
+    args.repeats = results["meta"].get("repeats", 20)
     print(f"sinusoid, K = 10 shots, {args.only} only", flush=True)
     row = quality("sinusoid", 10, [args.only], args.iterations, args.held_out, device)[args.only]
     results["sinusoid"]["10"][args.only] = row
     load.append(os.getloadavg()[0])
     results["meta"]["rerun"] = {"variants": [args.only], "date": str(date.today()), "load": load}
+    return _rewrite(results, args, saved, out)
+
+
+def _rewrite(results: dict[str, Any], args: argparse.Namespace, saved: Path, out: Path) -> dict[str, Any]:
+    """Print the report of updated ``results``, save them with the figure, and rewrite the RESULTS.md section."""
     text = report(results, args)
     print(text)
     write_atomically(saved, json.dumps(results, indent=1))

@@ -62,10 +62,13 @@ class Structure:
             raise ValueError(f"expected flat solutions of shape (B, {self.numel}), got {tuple(y.shape)}")
         if not self.named:
             return y.unflatten(1, self.shapes[0]) if self.shapes[0] else y[:, 0]
-        out, offset = {}, 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
-            out[name] = y.narrow(1, offset, size).unflatten(1, shape) if shape else y[:, offset]
-            offset += size
+        # One split, not a narrow per name: its backward concatenates the names' gradients into one B x n tensor,
+        # where a narrow per name would build a zero-filled B x n gradient for each and add them up (a cost paid
+        # on every inner step of a semi-amortized model, twice when it is unrolled to second order). A 1-d shape
+        # is the split part itself (no further view, so no further node in the graph).
+        out = {}
+        for name, shape, part in zip(self.names, self.shapes, y.split(self.sizes, dim=1), strict=True):
+            out[name] = part if len(shape) == 1 else part.unflatten(1, shape) if shape else part[:, 0]
         return out
 
     def flatten(self, solution: Solution) -> Tensor:

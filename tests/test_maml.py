@@ -403,3 +403,32 @@ def test_the_adaptation_curve_reaches_tensorboard(tmp_path) -> None:
     events.Reload()
     assert events.Tags()["images"] == ["val/adaptation_curve"]
     assert events.Images("val/adaptation_curve")[0].step == 7
+
+
+def _graph_nodes(root: torch.autograd.graph.Node) -> list[str]:
+    seen, stack, names = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_weights_view_backward_is_one_split_with_exact_gradients() -> None:
+    """The named view of the flat weights (taken on every inner step) backpropagates through one split node, not
+    one zero-padded slice per parameter (the overhead that made the unrolled meta-step slower than TorchOpt's), and
+    its gradients are exactly each parameter's."""
+    objective = TaskLoss(MLP(1, 1, hidden=[40, 40]))
+    y = torch.randn(3, objective.dim, requires_grad=True)
+    view = objective.view(y)
+    scales = {name: float(i + 1) for i, name in enumerate(view)}
+    loss = sum(scales[name] * (w**2).sum() for name, w in view.items())
+    names = _graph_nodes(loss.grad_fn)
+    assert not any(n.startswith("Slice") for n in names), names
+    assert sum(n.startswith("SplitWithSizes") for n in names) == 1, names
+    (grad,) = torch.autograd.grad(loss, y)
+    expected = torch.cat([2 * scales[name] * w.detach().reshape(3, -1) for name, w in view.items()], dim=1)
+    assert torch.equal(grad, expected)

@@ -306,9 +306,12 @@ class PortfolioQP(ParametricQP):
             return torch.cat([primal, lam], dim=-1)
         return {"primal": primal, "dual": lam}
 
-    def feasible(self, y: Tensor, tol: float = 1e-9) -> Tensor:
+    def feasible(self, y: Tensor, tol: Optional[float] = None) -> Tensor:
         """Whether flat solutions ``B x (n + k + m)`` are feasible to ``tol`` (weights on the capped simplex, the
-        exposures equal to Fᵀw): ``B``."""
+        exposures equal to Fᵀw): ``B``. The default tolerance follows the dtype's rounding: 1e-9 in float64, 1e-5
+        in lower precision (a float32 budget 1ᵀw is off by ~1e-7 after an exact projection)."""
+        if tol is None:
+            tol = 1e-9 if y.dtype == torch.float64 else 1e-5
         z = y[:, : self.n]
         w, t = z[:, : self.assets], z[:, self.assets :]
         budget = (w.sum(-1) - 1).abs() <= tol * self.assets
