@@ -6,7 +6,8 @@ Bernoulli(0.1)–Gaussian codes, in two settings (``--settings``), each in the s
 * ``true_codes`` — α = 0.1, LISTA-K (``--layers``, default 4, 8, 16) = ``recipes/sparse_coding/lista_true_codes.yaml``:
   trained by regression to the TRUE codes of its pool, as the LISTA literature trains and measures it (Gregor & LeCun
   2010; Chen et al. 2018; Liu et al. 2019). The metric that matters is the NMSE to the true code, where ISTA and FISTA
-  stop at the lasso solution's own NMSE.
+  stop at the lasso solution's own NMSE. ``--support-step 0.012`` turns on LISTA's support selection (Chen et al.
+  2018: at layer k the largest min(1.2 k, 13) % of the entries skip the soft-threshold).
 * ``small_alpha`` — α = ``--small-alpha`` (0.01), LISTA-K (``--small-alpha-layers``, default 16) =
   ``recipes/sparse_coding/lista_regression.yaml`` with that α: trained by regression to FISTA's solutions of its pool
   (the issue's own training target), where the lasso is closer to the true code and FISTA needs many more iterations.
@@ -30,6 +31,10 @@ Outputs: a section of ``benchmarks/RESULTS.md`` and, per setting S, ``benchmarks
 (f − f* against iterations, log scale).
 
     OMP_NUM_THREADS=1 python benchmarks/sparse_coding.py            # about 25 min on a shared 2-core CPU
+    # LISTA-16 with support selection, trained longer (about 25 min): the true_codes subsection only, the
+    # small_alpha subsection already in RESULTS.md is kept (marked with its own command and date)
+    OMP_NUM_THREADS=1 python benchmarks/sparse_coding.py --settings true_codes --layers 16 --steps 3500 \
+        --support-step 0.012 --solver-repeats 1
     OMP_NUM_THREADS=1 python benchmarks/sparse_coding.py --quick    # smoke run: tiny sizes, no RESULTS.md
 """
 
@@ -40,6 +45,7 @@ import dataclasses
 import datetime
 import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -98,6 +104,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="the oracle's FISTA budget at the small α")
     parser.add_argument("--steps", type=int, default=1200, help="training steps of each LISTA")
     parser.add_argument("--lr", type=float, default=None, help="override the recipes' Adam learning rate")
+    parser.add_argument("--support-step", type=float, default=0.0,
+                        help="LISTA's support selection in the true_codes setting: the fraction of entries that skip "
+                             "the prox grows by this per layer (0: off, the recipe as is; the literature: 0.012)")
+    parser.add_argument("--support-max", type=float, default=0.13, help="the cap on that fraction")
     parser.add_argument("--pool-size", type=int, default=None, help="override the recipe's train_size (true_codes)")
     parser.add_argument("--batch", type=int, default=1024, help="held-out signals")
     parser.add_argument("--iterations", type=int, default=1000, help="ISTA's and FISTA's iterations")
@@ -136,7 +146,10 @@ def settings(args: argparse.Namespace) -> list[Setting]:
         "true_codes": Setting(
             "true_codes", RECIPES / "lista_true_codes.yaml", 0.1, tuple(args.layers), "true",
             "α = 0.1, LISTA trained to the true codes",
-            () if args.pool_size is None else (f"--data.init_args.train_size={args.pool_size}",)),
+            (() if args.pool_size is None else (f"--data.init_args.train_size={args.pool_size}",))
+            + (() if not args.support_step else (
+                f"--model.init_args.amortizer.init_args.support_step={args.support_step}",
+                f"--model.init_args.amortizer.init_args.support_max={args.support_max}"))),
         "small_alpha": Setting(
             "small_alpha", RECIPES / "lista_regression.yaml", args.small_alpha, tuple(args.small_alpha_layers),
             "lasso", f"α = {args.small_alpha:g}, LISTA trained to FISTA's solutions",
@@ -276,7 +289,7 @@ def plot(path_nmse: Path, path_objective: Path, title: str, curves: dict, listas
 
 
 def _iters(value: Optional[int], budget: int) -> str:
-    return f"> {budget}" if value is None else str(value)
+    return f"not in {budget}" if value is None else str(value)
 
 
 def _ms(seconds: list[float], iteration: Optional[int]) -> str:
@@ -290,7 +303,8 @@ def render_setting(setting: Setting, result: dict, info: dict) -> list[str]:
     lines = [
         f"### {setting.title}", "",
         f"Lasso ½‖x − Dy‖² + {setting.alpha:g}‖y‖₁. LISTA-K = `{setting.recipe.relative_to(ROOT)}`"
-        f"{'' if setting.alpha == 0.1 else f' with alpha {setting.alpha:g}'}, K tied layers, trained {info['steps']} "
+        f"{'' if setting.alpha == 0.1 else f' with alpha {setting.alpha:g}'}, K tied layers"
+        f"{result.get('variant', '')}, trained {info['steps']} "
         f"steps of 256 signals by regression to {trained_to} of a pool of {result['pool']} (train = its `Trainer.fit` "
         f"wall time, the pool's references excluded). The lasso solutions' own NMSE to the true code: "
         f"{result['lasso_true']:.2f} dB (no ISTA/FISTA iterate goes much below it); mean f* = "
@@ -303,7 +317,7 @@ def render_setting(setting: Setting, result: dict, info: dict) -> list[str]:
     for layers, r in sorted(listas.items()):
         m = r["matched"]
         needed = m["FISTA"][setting.primary]
-        ratio = f"> {budget / layers:.0f}×" if needed is None else f"{needed / layers:.1f}×"
+        ratio = f"not reached in {budget} iterations" if needed is None else f"{needed / layers:.1f}×"
         lines.append(
             f"| LISTA-{layers} | {r['true']:.2f} | {r['lasso']:.2f} | {r['subopt']:.3g} | {r['nonzeros']:.3f} "
             f"| {r['ms']:.1f} | {_iters(m['ISTA']['true'], budget)} / {_iters(m['ISTA']['lasso'], budget)} "
@@ -325,8 +339,8 @@ def render_setting(setting: Setting, result: dict, info: dict) -> list[str]:
     return lines
 
 
-def render(info: dict, results: dict[str, tuple[Setting, dict]]) -> str:
-    """The section of RESULTS.md."""
+def render(info: dict, results: dict[str, tuple[Setting, dict]], kept: Optional[list[str]] = None) -> str:
+    """The section of RESULTS.md (``kept``: the lines of earlier subsections to keep after the new ones)."""
     lines = [
         SECTION, "",
         f"Command: `{info['command']}`  ",
@@ -344,7 +358,35 @@ def render(info: dict, results: dict[str, tuple[Setting, dict]]) -> str:
     ]
     for setting, result in results.values():
         lines += render_setting(setting, result, info)
+    lines += kept or []
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+KEPT_NOTE = "*Kept from an earlier run, not rerun by the command above:"
+
+
+def kept_subsections(path: Path, rerun: list[str]) -> list[str]:
+    """The ``### `` subsections of the section already in ``path`` whose titles are not in ``rerun``, each marked with
+    the command and date of the run that measured it (a subsection kept before keeps its own mark)."""
+    if not path.exists():
+        return []
+    match = re.search(rf"^{re.escape(SECTION)}\n(.*?)(?=^## |\Z)", path.read_text(), re.S | re.M)
+    if match is None:
+        return []
+    old = match.group(1)
+    command = re.search(r"^Command: (`.*`)", old, re.M)
+    date = re.search(r"^Date: ([^;]*);", old, re.M)
+    origin = f"{KEPT_NOTE} {command.group(1) if command else 'command unknown'}, {date.group(1) if date else ''}.*"
+    kept = []
+    for block in re.split(r"^(?=### )", old, flags=re.M)[1:]:
+        title = block.split("\n", 1)[0][4:].strip()
+        if title in rerun:
+            continue
+        head, _, body = block.partition("\n")
+        if KEPT_NOTE not in body:
+            body = "\n" + origin + "\n" + body
+        kept += [head, *body.rstrip("\n").split("\n"), ""]
+    return kept
 
 
 def verdict(listas: dict, layers: int, budget: int) -> str:
@@ -356,9 +398,10 @@ def verdict(listas: dict, layers: int, budget: int) -> str:
     for key, what in (("true", "to the true code"), ("lasso", "to the lasso solution")):
         needed = m[key]
         met = needed is None or needed >= TARGET_FACTOR * layers
-        shown = f"more than its whole budget of {budget}" if needed is None else f"{needed} iterations"
-        parts.append(f"NMSE {what}: FISTA needs {shown} to reach LISTA-{layers}'s "
-                     f"{listas[layers][key]:.2f} dB, target (≥ {TARGET_FACTOR * layers}) {'MET' if met else 'MISSED'}")
+        reach = (f"does not reach LISTA-{layers}'s {listas[layers][key]:.2f} dB in {budget} iterations"
+                 if needed is None else f"needs {needed} iterations to reach LISTA-{layers}'s "
+                 f"{listas[layers][key]:.2f} dB")
+        parts.append(f"NMSE {what}: FISTA {reach}, target (≥ {TARGET_FACTOR * layers}) {'MET' if met else 'MISSED'}")
     return f"Target with LISTA-{layers}: " + "; ".join(parts) + "."
 
 
@@ -417,7 +460,14 @@ def run_setting(setting: Setting, args: argparse.Namespace, figures: Path) -> di
     plot(figures / f"sparse_coding_{setting.name}_nmse.png", figures / f"sparse_coding_{setting.name}_objective.png",
          setting.title, curves, listas)
     target_layers = 16 if 16 in listas else max(listas)
+    variant = ""
+    if any("support_step" in override for override in setting.overrides):
+        variant += (f" with support selection (at layer k the round(min(k · {args.support_step:g}, "
+                    f"{args.support_max:g}) · n) largest entries skip the soft-threshold)")
+    if args.lr is not None:
+        variant += f", Adam lr {args.lr:g} (cosine to 0)"
     return {
+        "variant": variant,
         "curves": curves, "seconds": seconds, "listas": listas, "pool": data.train_size,
         "lasso_true": float(nmse_db(lasso, codes).mean()), "lasso_value": float(f_star.mean()),
         "lipschitz": objective.lipschitz, "verdict": verdict(listas, target_layers, args.iterations),
@@ -452,7 +502,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "steps": args.steps, "repeats": args.repeats,
         "lipschitz": next(iter(results.values()))[1]["lipschitz"],
     }
-    section = render(info, results)
+    kept = [] if not args.output else kept_subsections(Path(args.output), [s.title for s, _ in results.values()])
+    section = render(info, results, kept)
     print()
     print(section)
     print(f"figures in {figures}")

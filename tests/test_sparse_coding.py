@@ -189,6 +189,37 @@ def test_lista_trains(loss):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_support_selection_passes_the_largest_entries_unshrunk():
+    """With support selection, layer k's round(min(k p, p_max) n) largest |W_e x + S y| of each row skip the
+    soft-threshold and the rest are shrunk by s_k α, recomputed here layer by layer from the network's own W_e, S."""
+    objective = small().double()
+    x, _ = signals(8, seed=7)
+    x = x.double()
+    lista = LISTA(M, N, steps=5, support_step=0.05, support_max=0.15).double()
+    with torch.no_grad():
+        out = lista(x, objective)
+        assert [lista.selected_count(k) for k in range(5)] == [2, 4, 6, 6, 6]
+        thresholds = lista.step_sizes * objective.alpha
+        y, unshrunk_somewhere = torch.zeros(8, N, dtype=torch.float64), False
+        for k in range(5):
+            v = x @ lista.encoder.T + y @ lista.mutual.T
+            top = v.abs().topk(lista.selected_count(k), dim=1).indices
+            expected = torch.sign(v) * (v.abs() - thresholds[k]).clamp_min(0)
+            expected.scatter_(1, top, v.gather(1, top))
+            torch.testing.assert_close(out.iterates[k + 1], expected, atol=1e-13, rtol=0, msg=f"layer {k + 1}")
+            # the selected entries are v itself, not v shrunk: they differ from ISTA's step by the threshold
+            chosen = out.iterates[k + 1].gather(1, top)
+            torch.testing.assert_close(chosen, v.gather(1, top), atol=1e-13, rtol=0)
+            unshrunk_somewhere |= bool((chosen.abs() > thresholds[k].gather(0, top.flatten()).view_as(top)).any())
+            y = out.iterates[k + 1]
+        assert unshrunk_somewhere
+    plain = LISTA(M, N, steps=5).double()
+    with torch.no_grad():
+        assert not torch.allclose(plain(x, objective).y, out.y)  # on by the option only
+    with pytest.raises(ValueError, match="support_step must be a fraction"):
+        LISTA(M, N, steps=2, support_step=1.5)
+
+
 def test_a_loaded_lista_keeps_its_weights():
     objective = small()
     x, _ = signals(4)
