@@ -1,16 +1,25 @@
 """LightningDataModules, one per context distribution p(x)."""
 
 from datamodules.context import ContextDataModule
+from datamodules.digits_classes import DigitsClasses
+from datamodules.fashion_classes import FashionClasses
+from datamodules.fashion_mnist import FashionMNISTImages, fashion_mnist_folder
+from datamodules.few_shot_digits import FewShotDigits
 from datamodules.images import DigitsImages, ImageDataModule, MNISTImages
 from datamodules.loader import BatchIndexSampler, ResumableLoader
+from datamodules.meta_ot import ImagePairs
 from datamodules.replay import ReplayBuffer
+from datamodules.sinusoid import SinusoidTasks
+from datamodules.sparse_coding import SparseSignals
 from datamodules.sphere import SphereContexts
 from datamodules.stream import ContextStream, StreamLoader
 
 __all__ = [
-    "BatchIndexSampler", "ContextDataModule", "ContextStream", "DigitsImages", "ImageDataModule", "MNISTImages",
-    "ReplayBuffer", "ResumableLoader", "SphereContexts", "StreamLoader",
+    "BatchIndexSampler", "ContextDataModule", "ContextStream", "DigitsClasses", "DigitsImages", "FashionClasses",
+    "FashionMNISTImages", "FewShotDigits", "ImageDataModule", "ImagePairs", "MNISTImages", "ReplayBuffer",
+    "ResumableLoader", "SinusoidTasks", "SparseSignals", "SphereContexts", "StreamLoader", "fashion_mnist_folder",
 ]
+# PortfolioReturns (datamodules.convex_qp) is not imported here: it needs the `apps` extra (osqp).
 
 
 def __getattr__(name: str) -> object:

@@ -14,6 +14,13 @@ from lightning_amor.export import (
     export_torchscript,
 )
 from lightning_amor.figures import AmortizationFigures, curve_figure
+from lightning_amor.fixed_point import (
+    Anderson,
+    FixedPointIteration,
+    FixedPointObjective,
+    FixedPointResult,
+    implicit_fixed_point,
+)
 from lightning_amor.inference import Calibration, Fallback, InferenceResult
 from lightning_amor.losses import AmortizationLoss, IterateSumLoss, ObjectiveLoss, RegressionLoss
 from lightning_amor.metrics import AmortizationMetrics
@@ -23,6 +30,8 @@ from lightning_amor.nets import MLP, LearnedConstant
 from lightning_amor.objective import Context, Objective, ObjectiveShapeError
 from lightning_amor.proximal import L1, Box, CompositeObjective, NonNegative, Simplex, Zero
 from lightning_amor.proximal_solvers import FISTA, ISTA
+from lightning_amor.residual_figures import ResidualCurves
+from lightning_amor.tolerance_solve import InnerSolveReport, ToleranceSemiAmortized, solve_to_tolerance
 from lightning_amor.updates import AdamStep, GradientStep, InnerUpdate, LearnedUpdate, ProximalStep
 
 __version__ = "0.1.0"
@@ -35,8 +44,10 @@ __all__ = [
     "AmortizedModule",
     "AmortizedOutput",
     "Amortizer",
+    "Anderson",
     "BadCheckpointError",
     "Box",
+    "Calibration",
     "CompositeObjective",
     "Context",
     "ExportError",
@@ -44,10 +55,14 @@ __all__ = [
     "ExportedAmortizer",
     "FISTA",
     "Fallback",
+    "FixedPointIteration",
+    "FixedPointObjective",
+    "FixedPointResult",
     "FullyAmortized",
     "GradientStep",
     "ISTA",
     "InferenceResult",
+    "InnerSolveReport",
     "InnerUpdate",
     "IterateSumLoss",
     "L1",
@@ -63,12 +78,15 @@ __all__ = [
     "ObjectiveShapeError",
     "ProximalStep",
     "RegressionLoss",
-    "Calibration",
+    "ResidualCurves",
     "SemiAmortized",
     "Simplex",
+    "ToleranceSemiAmortized",
     "Zero",
     "check_export",
     "curve_figure",
     "export_onnx",
     "export_torchscript",
+    "implicit_fixed_point",
+    "solve_to_tolerance",
 ]

@@ -24,8 +24,20 @@ import torch
 from torch import Tensor, nn
 
 from datamodules import DigitsImages, SphereContexts
+from datamodules.convex_qp import PortfolioReturns
+from datamodules.digits_classes import DigitsClasses
+from datamodules.few_shot_digits import FewShotDigits
+from datamodules.meta_ot import ImagePairs
+from datamodules.sinusoid import SinusoidTasks
+from datamodules.sparse_coding import SparseSignals
+from lightning_amor.apps.convex_qp import PortfolioQP
+from lightning_amor.apps.deq import DEQClassifier
+from lightning_amor.apps.maml import TaskLoss
+from lightning_amor.apps.meta_ot import EntropicOT
+from lightning_amor.apps.sparse_coding import SparseCoding
 from lightning_amor.apps.sphere import SphereObjective
 from lightning_amor.apps.vae import ELBOObjective
+from lightning_amor.fixed_point import Anderson
 from lightning_amor.nets import MLP
 from lightning_amor.objective import Context, Objective
 
@@ -199,6 +211,29 @@ class ObjectiveCase:
         return self.name
 
 
+def _sample_sparse_signals(num: int, generator: torch.Generator) -> Tensor:
+    return SparseSignals(signal_dim=20, code_dim=40, cache_dir="none").sample(num, generator)
+
+
+@functools.lru_cache(maxsize=1)
+def _few_shot() -> FewShotDigits:
+    return FewShotDigits(val_size=4, test_size=4)
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_pairs() -> ImagePairs:
+    return ImagePairs(images="digits", val_size=16, test_size=16)
+
+
+def _sample_digit_pairs(num: int, generator: torch.Generator) -> Tensor:
+    return _digit_pairs().sample(num, generator)
+
+
+@functools.lru_cache(maxsize=1)
+def _digits_classes() -> DigitsClasses:
+    return DigitsClasses(val_size=64, test_size=64)
+
+
 # One line per Objective of the project; add yours here to run the contract tests on it.
 OBJECTIVES: list[ObjectiveCase] = [
     ObjectiveCase("quadratic", Quadratic, _sample_normal(4)),
@@ -207,6 +242,17 @@ OBJECTIVES: list[ObjectiveCase] = [
     ObjectiveCase("box_quadratic", BoxQuadratic, _sample_box, in_domain=in_unit_box),
     ObjectiveCase("sphere", SphereObjective, _sample_sphere, in_domain=on_unit_sphere),
     ObjectiveCase("elbo", _elbo, _sample_digits),
+    ObjectiveCase("sparse_coding", lambda: SparseCoding(signal_dim=20, code_dim=40), _sample_sparse_signals),
+    ObjectiveCase("maml_sinusoid", lambda: TaskLoss(MLP(1, 1, hidden=[40, 40])),
+                  lambda num, gen: SinusoidTasks().sample(num, gen)),
+    ObjectiveCase("maml_digits", lambda: TaskLoss(MLP(64, 3, hidden=[16]), "cross_entropy"),
+                  lambda num, gen: _few_shot().sample(num, gen)),
+    ObjectiveCase("portfolio_qp", lambda: PortfolioQP(assets=20, factors=3),
+                  lambda num, gen: PortfolioReturns(assets=20, factors=3).sample(num, gen),
+                  in_domain=lambda y: PortfolioQP(assets=20, factors=3).feasible(y)),
+    ObjectiveCase("entropic_ot", lambda: EntropicOT(side=8, epsilon=0.05), _sample_digit_pairs),
+    ObjectiveCase("deq", lambda: DEQClassifier(hidden=16, solver=Anderson(steps=500, atol=1e-10)),
+                  lambda num, gen: _digits_classes().sample(num, gen)),
 ]
 
 

@@ -31,6 +31,9 @@ BASE = REPO / "recipes" / "_base" / "trainer.yaml"
 # float16 needs a GPU; on CPU the smoke test runs such recipes in bfloat16
 CPU_PRECISION = {"16": "bf16-mixed", "16-mixed": "bf16-mixed", "16-true": "bf16-true"}
 
+SMOKE_EPSILON = 0.1
+"""The smallest ``epsilon`` (smoothing of the objective, e.g. entropic OT) a smoke test runs at."""
+
 
 def recipe_args(recipe: Path) -> list[str]:
     """The ``--config`` arguments that run ``recipe``, as its comment's command gives them: the shared trainer
@@ -40,10 +43,15 @@ def recipe_args(recipe: Path) -> list[str]:
 
 def smoke_overrides(recipe: Path, tmp_path: Path) -> list[str]:
     """Command-line overrides that shrink ``recipe`` to a CPU smoke test writing only under ``tmp_path`` (its run
-    folder, ``trainer.default_root_dir``, is ``tmp_path/root``: the logs and the checkpoints follow it)."""
+    folder, ``trainer.default_root_dir``, is ``tmp_path/root``: the logs and the checkpoints follow it).
+
+    An objective with a smoothing parameter ``epsilon`` (entropic OT) below :data:`SMOKE_EPSILON` runs at
+    :data:`SMOKE_EPSILON`: the iterations of its solvers (oracle, figures, evaluation) grow like 1/ε, and the smoke
+    test checks that the recipe runs, not how hard its problem is."""
     config = yaml.safe_load(recipe.read_text())
     trainer, data = config.get("trainer") or {}, (config.get("data") or {}).get("init_args") or {}
     model = (config.get("model") or {}).get("init_args") or {}
+    objective = (model.get("objective") or {}).get("init_args") or {}
     args = [
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.num_nodes", "1",
         "--trainer.strategy", "auto", "--trainer.enable_progress_bar", "false",
@@ -60,14 +68,21 @@ def smoke_overrides(recipe: Path, tmp_path: Path) -> list[str]:
         args += ["--model.init_args.refine.init_args.steps", "5"]
     if str(trainer.get("precision")) in CPU_PRECISION:
         args += ["--trainer.precision", CPU_PRECISION[str(trainer["precision"])]]
+    epsilon = objective.get("epsilon")
+    if isinstance(epsilon, (int, float)) and epsilon < SMOKE_EPSILON:  # a coarser problem: fewer solver iterations
+        args += ["--model.init_args.objective.init_args.epsilon", str(SMOKE_EPSILON)]
     return args
 
 
 def tiny_mnist(folder: Path) -> Path:
-    """MNIST-shaped IDX files (80 training and 40 test images of random pixels) in ``folder``."""
+    """MNIST-shaped IDX files (80 training and 40 test images of random pixels, and random labels 0–9 for the
+    classifiers) in ``folder``."""
     rng = np.random.default_rng(0)
     for split, count in (("train", 80), ("test", 40)):
         write_idx(folder / f"{MNIST_FILES[split]}.gz", rng.integers(0, 256, (count, 28, 28), dtype=np.uint8))
+    labels = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
+    for split, count in (("train", 80), ("test", 40)):
+        write_idx(folder / f"{labels[split]}.gz", rng.integers(0, 10, count, dtype=np.uint8))
     return folder
 
 
