@@ -34,6 +34,7 @@ import datetime
 import json
 import re
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
@@ -284,6 +285,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     parser.add_argument("--shared", action="store_true", help="say in RESULTS.md that the machine was shared")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.quick:  # a check, not a measurement: its JSON and figure go to a temporary folder, RESULTS.md untouched
+        args.out = tempfile.mkdtemp(prefix="convex_qp_quick_")
+        args.figure = str(Path(args.out) / "convex_qp_iterations.png")
     out = Path(args.out)
     results = [run_family(name, spec, out, args.quick) for name, spec in (QUICK if args.quick else FAMILIES).items()]
     text = "\n\n".join(table(r) for r in results)
@@ -298,7 +302,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict]:
     section = (f"{TITLE}\n\n"
                f"`{command}` ({datetime.date.today().isoformat()}, {machine}{shared}). Figure: "
                f"`{args.figure}`.\n\n{text}\n")
-    write_section(Path(args.results), TITLE, section + kept_neuromancer(Path(args.results)))
+    if not args.quick:
+        write_section(Path(args.results), TITLE, section + kept_neuromancer(Path(args.results)))
     return results
 
 

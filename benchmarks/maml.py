@@ -37,6 +37,7 @@ import copy
 import json
 import os
 import statistics
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -591,11 +592,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few meta-iterations, no RESULTS.md")
     parser.add_argument("--results", default="benchmarks/RESULTS.md")
-    parser.add_argument("--out", default="benchmarks/figures")
+    parser.add_argument("--out", default=None,
+                        help="folder of maml_results.json and maml_curves.png (default benchmarks/figures; a temporary "
+                             "one with --quick)")
     parser.add_argument("--only", choices=["imaml", "timing"], default=None,
                         help="rerun only the sinusoid K = 10 iMAML row, or only the time and memory per meta-step "
                              "(with the gradient check), into the last full run's maml_results.json")
     args = parser.parse_args(argv)
+    if args.out is None:  # a quick check leaves the full run's figure and JSON alone
+        args.out = tempfile.mkdtemp(prefix="maml_quick_") if args.quick else "benchmarks/figures"
     if args.only:
         return rerun_only(args)
     if args.quick:
@@ -624,9 +629,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     text = report(results, args)
     print(text)
     out = Path(args.out)
-    name = "maml_quick" if args.quick else "maml"
-    write_atomically(out / f"{name}_results.json", json.dumps(results, indent=1))
-    save_figure(results, out / f"{name}_curves.png")
+    write_atomically(out / "maml_results.json", json.dumps(results, indent=1))
+    save_figure(results, out / "maml_curves.png")
     if not args.quick:
         write_section(Path(args.results), SECTION, text)
     return results

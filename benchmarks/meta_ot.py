@@ -31,6 +31,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -226,8 +227,10 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--results", default="benchmarks/RESULTS.md", help="'' to write no section")
     parser.add_argument("--shared", action="store_true", help="say in RESULTS that the machine was shared")
     args = parser.parse_args(argv)
-    if args.quick:
+    if args.quick:  # a check, not a measurement: its figures and JSON go to a temporary folder, RESULTS.md untouched
         args.pairs, args.pot_pairs, args.steps = 8, 2, min(args.steps, 1500)
+        args.figures = args.out = tempfile.mkdtemp(prefix="meta_ot_quick_")
+        args.results = ""
     from lightning_amor.loading import load_datamodule, load_module
 
     all_results = []

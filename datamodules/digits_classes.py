@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from datamodules.context import ContextDataModule, seeded_generator
+from datamodules.context import seeded_generator
+from datamodules.labelled import LabelledImages
 
 
-class DigitsClasses(ContextDataModule):
+class DigitsClasses(LabelledImages):
     """Contexts ``{"image": B x 64, "label": B}``: the 1797 digits (grey levels 0..16 over 16, flattened) and their
     classes 0..9 (int64).
 
@@ -34,6 +33,8 @@ class DigitsClasses(ContextDataModule):
         **kwargs: the :class:`~datamodules.context.ContextDataModule` arguments.
     """
 
+    noun = "digits"
+
     def __init__(self, val_size: int = 256, test_size: int = 512, split_seed: int = 0, shift: int = 0,
                  shift_share: float = 1.0, **kwargs) -> None:
         super().__init__(val_size=val_size, test_size=test_size, **kwargs)
@@ -44,7 +45,6 @@ class DigitsClasses(ContextDataModule):
         self.split_seed = split_seed
         self.shift = int(shift)
         self.shift_share = float(shift_share)
-        self._splits_cache: Optional[dict[str, dict[str, Tensor]]] = None
 
     def load_digits(self) -> tuple[Tensor, Tensor]:
         """All digits ``1797 x 64`` in [0, 1] and their labels ``1797`` (int64)."""
@@ -59,47 +59,30 @@ class DigitsClasses(ContextDataModule):
         images = torch.as_tensor(digits.data / 16.0, dtype=torch.get_default_dtype())
         return images, torch.as_tensor(digits.target, dtype=torch.int64)
 
-    def split(self, name: str) -> dict[str, Tensor]:
-        """The ``train``, ``val`` or ``test`` digits as ``{"image", "label"}``, split on first use."""
-        if self._splits_cache is None:
-            images, labels = self.load_digits()
-            holdout = self.val_size + self.test_size
-            if holdout >= images.shape[0]:
-                raise ValueError(
-                    f"DigitsClasses: val_size={self.val_size} + test_size={self.test_size} held-out digits leave none "
-                    f"of the {images.shape[0]} to train on; lower the held-out sizes"
-                )
-            order = torch.randperm(images.shape[0], generator=seeded_generator(self.split_seed, 0xD161))
-            parts = {"val": order[: self.val_size], "test": order[self.val_size : holdout], "train": order[holdout:]}
-            self._splits_cache = {k: {"image": images[i], "label": labels[i]} for k, i in parts.items()}
-        return self._splits_cache[name]
+    def load_splits(self) -> dict[str, dict[str, Tensor]]:
+        """The digits held out by the fixed permutation of ``split_seed``: ``{"train" | "val" | "test": {"image",
+        "label"}}``."""
+        images, labels = self.load_digits()
+        holdout = self.val_size + self.test_size
+        if holdout >= images.shape[0]:
+            raise ValueError(
+                f"DigitsClasses: val_size={self.val_size} + test_size={self.test_size} held-out digits leave none "
+                f"of the {images.shape[0]} to train on; lower the held-out sizes"
+            )
+        order = torch.randperm(images.shape[0], generator=seeded_generator(self.split_seed, 0xD161))
+        parts = {"val": order[: self.val_size], "test": order[self.val_size : holdout], "train": order[holdout:]}
+        return {k: {"image": images[i], "label": labels[i]} for k, i in parts.items()}
 
     def sample(self, num: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """``num`` random training digits (distinct within the batch): ``{"image": num x 64, "label": num}``."""
-        train = self.split("train")
-        available = train["label"].shape[0]
-        if num > available:
-            raise ValueError(f"DigitsClasses: a batch of {num} digits exceeds the {available} training digits; lower "
-                             f"data.init_args.batch_size")
-        index = torch.randperm(available, generator=generator)[:num]
-        images = train["image"][index]
+        """``num`` random training digits (distinct within the batch): ``{"image": num x 64, "label": num}``, and
+        ``"shifted"`` (``num`` bool) with ``shift``."""
+        batch = super().sample(num, generator)
         if not self.shift:
-            return {"image": images, "label": train["label"][index]}
+            return batch
         offsets = torch.randint(-self.shift, self.shift + 1, (num, 2), generator=generator)
         moved = torch.rand(num, generator=generator) < self.shift_share
-        images = torch.where(moved[:, None], shifted(images, offsets), images)
-        return {"image": images, "label": train["label"][index], "shifted": moved}
-
-    def sample_split(self, split: str, num: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """The first ``num`` held-out digits of ``val`` or ``test`` (in a fixed order); training digits for
-        ``pool``."""
-        if split == "pool":
-            return self.sample(num, generator)
-        held = self.split(split)
-        if num > held["label"].shape[0]:
-            raise ValueError(f"DigitsClasses: {split}_size={num} exceeds the {held['label'].shape[0]} held-out {split} "
-                             f"digits; lower data.init_args.{split}_size")
-        return {k: v[:num] for k, v in held.items()}
+        batch["image"] = torch.where(moved[:, None], shifted(batch["image"], offsets), batch["image"])
+        return {**batch, "shifted": moved}
 
 
 def shifted(images: Tensor, offsets: Tensor) -> Tensor:

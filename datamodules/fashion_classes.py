@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from datamodules.context import ContextDataModule, seeded_generator
+from datamodules.context import seeded_generator
 from datamodules.fashion_mnist import INSTALL_HINT, FashionMNISTNotFound, fashion_mnist_folder, load_fashion_mnist
 from datamodules.images import IDXFormatError, read_idx
+from datamodules.labelled import LabelledImages
 
 LABEL_FILES = {"train": "train-labels-idx1-ubyte", "test": "t10k-labels-idx1-ubyte"}
 """The Fashion-MNIST label files (each may also be gzip-compressed, with ``.gz`` appended)."""
@@ -52,7 +53,7 @@ def load_fashion_labels(root: Optional[str | Path] = None, split: str = "train")
     return torch.as_tensor(array.astype(np.int64))
 
 
-class FashionClasses(ContextDataModule):
+class FashionClasses(LabelledImages):
     """Contexts ``{"image": B x 784, "label": B}``: Fashion-MNIST's 28×28 images (flattened, in [0, 1]) and their
     classes 0..9 (int64).
 
@@ -78,52 +79,28 @@ class FashionClasses(ContextDataModule):
         self.root = root
         self.download = False
         self.split_seed = split_seed
-        self._splits_cache: Optional[dict[str, dict[str, Tensor]]] = None
 
-    def split(self, name: str) -> dict[str, Tensor]:
-        """The ``train``, ``val`` or ``test`` images as ``{"image": N x 784, "label": N}``, read on first use."""
-        if self._splits_cache is None:
-            parts = {}
-            for source in ("train", "test"):
-                images = load_fashion_mnist(self.root, source)
-                labels = load_fashion_labels(self.root, source)
-                if labels.shape[0] != images.shape[0]:
-                    raise IDXFormatError(f"Fashion-MNIST {source}: {images.shape[0]} images but {labels.shape[0]} "
-                                         f"labels; the files do not belong together")
-                parts[source] = (images.reshape(images.shape[0], -1).to(torch.get_default_dtype()), labels)
-            images, labels = parts["train"]
-            if self.val_size >= images.shape[0]:
-                raise ValueError(f"FashionClasses: val_size={self.val_size} leaves none of the {images.shape[0]} "
-                                 f"training images to train on; lower val_size")
-            if self.test_size > parts["test"][0].shape[0]:
-                raise ValueError(f"FashionClasses: test_size={self.test_size} exceeds the {parts['test'][0].shape[0]} "
-                                 f"test images; lower data.init_args.test_size")
-            order = torch.randperm(images.shape[0], generator=seeded_generator(self.split_seed, 0xFA5))
-            held, kept = order[: self.val_size], order[self.val_size :]
-            self._splits_cache = {
-                "train": {"image": images[kept], "label": labels[kept]},
-                "val": {"image": images[held], "label": labels[held]},
-                "test": {"image": parts["test"][0][: self.test_size], "label": parts["test"][1][: self.test_size]},
-            }
-        return self._splits_cache[name]
-
-    def sample(self, num: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """``num`` random training images, distinct within the batch: ``{"image": num x 784, "label": num}``."""
-        train = self.split("train")
-        available = train["label"].shape[0]
-        if num > available:
-            raise ValueError(f"FashionClasses: a batch of {num} images exceeds the {available} training images; lower "
-                             f"data.init_args.batch_size")
-        index = torch.randperm(available, generator=generator)[:num]
-        return {"image": train["image"][index], "label": train["label"][index]}
-
-    def sample_split(self, split: str, num: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """The first ``num`` held-out images of ``val`` or ``test`` (in a fixed order); training images for
-        ``pool``."""
-        if split == "pool":
-            return self.sample(num, generator)
-        held = self.split(split)
-        if num > held["label"].shape[0]:
-            raise ValueError(f"FashionClasses: {split}_size={num} exceeds the {held['label'].shape[0]} held-out "
-                             f"{split} images; lower data.init_args.{split}_size")
-        return {k: v[:num] for k, v in held.items()}
+    def load_splits(self) -> dict[str, dict[str, Tensor]]:
+        """The ``train``, ``val`` and ``test`` images as ``{"image": N x 784, "label": N}``."""
+        parts = {}
+        for source in ("train", "test"):
+            images = load_fashion_mnist(self.root, source)
+            labels = load_fashion_labels(self.root, source)
+            if labels.shape[0] != images.shape[0]:
+                raise IDXFormatError(f"Fashion-MNIST {source}: {images.shape[0]} images but {labels.shape[0]} "
+                                     f"labels; the files do not belong together")
+            parts[source] = (images.reshape(images.shape[0], -1).to(torch.get_default_dtype()), labels)
+        images, labels = parts["train"]
+        if self.val_size >= images.shape[0]:
+            raise ValueError(f"FashionClasses: val_size={self.val_size} leaves none of the {images.shape[0]} "
+                             f"training images to train on; lower val_size")
+        if self.test_size > parts["test"][0].shape[0]:
+            raise ValueError(f"FashionClasses: test_size={self.test_size} exceeds the {parts['test'][0].shape[0]} "
+                             f"test images; lower data.init_args.test_size")
+        order = torch.randperm(images.shape[0], generator=seeded_generator(self.split_seed, 0xFA5))
+        held, kept = order[: self.val_size], order[self.val_size :]
+        return {
+            "train": {"image": images[kept], "label": labels[kept]},
+            "val": {"image": images[held], "label": labels[held]},
+            "test": {"image": parts["test"][0][: self.test_size], "label": parts["test"][1][: self.test_size]},
+        }

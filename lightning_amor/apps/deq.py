@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
+from pytorch_lightning.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_amor.amortizers import AmortizedOutput, Amortizer
@@ -214,8 +214,8 @@ class DEQModule(AmortizedModule):
         amortizer: the initializer (a ``FullyAmortized`` :class:`KeyedMLP`).
         backward_solver: the solver of the implicit gradient's linear fixed point (default
             ``Anderson(steps=100, atol=1e-6)``).
-        loss, optimizer, lr_scheduler, nonfinite, refine, inference, objective_optimizer, objective_lr_scheduler:
-            as :class:`~lightning_amor.AmortizedModule`.
+        loss, refine, inference, objective_optimizer, **kwargs: as :class:`~lightning_amor.AmortizedModule` (its
+            other arguments pass through).
     """
 
     def __init__(
@@ -223,14 +223,11 @@ class DEQModule(AmortizedModule):
         objective: DEQClassifier,
         amortizer: Amortizer,
         loss: Optional[AmortizationLoss] = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        nonfinite: str = "raise",
         refine: Optional[Solver] = None,
         inference: Optional[Fallback] = None,
         objective_optimizer: Optional[OptimizerCallable] = None,
-        objective_lr_scheduler: Optional[LRSchedulerCallable] = None,
         backward_solver: Optional[FixedPointSolver] = None,
+        **kwargs: Any,
     ) -> None:
         if not isinstance(objective, DEQClassifier):
             raise TypeError(f"DEQModule needs a DEQClassifier, got {type(objective).__name__}")
@@ -240,9 +237,9 @@ class DEQModule(AmortizedModule):
         if inference is None:
             inference = Fallback(tolerance=_tolerance_of(objective.solver), solver=objective.solver)
         super().__init__(
-            objective, amortizer, loss if loss is not None else SolvedRegressionLoss(), optimizer, lr_scheduler,
-            nonfinite, refine if refine is not None else objective.solver, inference,
-            objective_optimizer=objective_optimizer, objective_lr_scheduler=objective_lr_scheduler,
+            objective, amortizer, loss=loss if loss is not None else SolvedRegressionLoss(),
+            refine=refine if refine is not None else objective.solver, inference=inference,
+            objective_optimizer=objective_optimizer, **kwargs,
         )
         self.backward_solver = backward_solver
         self._refined: Optional[FixedPointResult] = None

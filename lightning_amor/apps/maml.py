@@ -31,21 +31,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.aggregation import CatMetric
 
 from lightning_amor.amortizers import Amortizer, SemiAmortized
 from lightning_amor.autograd_utils import gradients_enabled, usable_context
-from lightning_amor.fallback import Fallback
 from lightning_amor.losses import AmortizationLoss
 from lightning_amor.module import AmortizedModule, Evaluated
 from lightning_amor.objective import Context, Objective, ObjectiveShapeError
-from lightning_amor.solvers import Solver
 from lightning_amor.structure import Solution, batched_functional_call, module_structure, parameters_vector
 from lightning_amor.tolerance_solve import ToleranceSemiAmortized
 
@@ -297,7 +294,7 @@ class MAMLModule(AmortizedModule):
         loss: the outer loss (default :class:`QueryLoss`).
         adapt_steps: the inner steps at which the adaptation curve is measured.
         adapt_lr: the step size of the curve's gradient steps (Finn et al.'s 0.01 for sinusoids).
-        optimizer, lr_scheduler, nonfinite, refine, inference: as :class:`~lightning_amor.AmortizedModule`.
+        **kwargs: the other arguments of :class:`~lightning_amor.AmortizedModule` (optimizer, refine, ...).
     """
 
     def __init__(
@@ -305,13 +302,9 @@ class MAMLModule(AmortizedModule):
         objective: TaskLoss,
         amortizer: Amortizer,
         loss: Optional[AmortizationLoss] = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        nonfinite: str = "raise",
-        refine: Optional[Solver] = None,
-        inference: Optional[Fallback] = None,
         adapt_steps: Sequence[int] = (0, 1, 5, 10),
         adapt_lr: float = 0.01,
+        **kwargs: Any,
     ) -> None:
         _task_objective(objective, "MAMLModule")
         steps = sorted({int(s) for s in adapt_steps})
@@ -326,8 +319,7 @@ class MAMLModule(AmortizedModule):
                 f"{ {k: list(v) for k, v in init.shapes.items()} } but the TaskLoss's has "
                 f"{ {k: list(v) for k, v in module_structure(objective.net).items()} }; give both the same network"
             )
-        super().__init__(objective, amortizer, loss if loss is not None else QueryLoss(), optimizer, lr_scheduler,
-                         nonfinite, refine, inference)
+        super().__init__(objective, amortizer, loss=loss if loss is not None else QueryLoss(), **kwargs)
         self.adapt_steps = steps
         self.adapt_lr = float(adapt_lr)
         # every held-out task's query loss at each step of the curve (gathered over DDP ranks)

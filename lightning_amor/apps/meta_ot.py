@@ -36,19 +36,15 @@ costs ``O(B n side)`` instead of ``O(B n²)``: for 28×28 images 28× less work 
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import torch
-from pytorch_lightning.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_amor.amortizers import Amortizer
-from lightning_amor.fallback import Fallback
-from lightning_amor.losses import AmortizationLoss
 from lightning_amor.module import AmortizedModule, Evaluated
 from lightning_amor.nets import MLP
 from lightning_amor.objective import Context, Objective, ObjectiveShapeError
-from lightning_amor.solvers import Solver
 
 MarginalNorm = Literal["l1", "l2"]
 
@@ -346,20 +342,9 @@ class MetaOTModule(AmortizedModule):
     test, ``marginal_error`` (the predictions' L1 marginal error, whatever the objective's norm) and
     ``transport_cost`` (⟨P, C⟩ of the predicted plans). Arguments as ``AmortizedModule``."""
 
-    def __init__(
-        self,
-        objective: Objective,
-        amortizer: Amortizer,
-        loss: Optional[AmortizationLoss] = None,
-        optimizer: OptimizerCallable = torch.optim.Adam,
-        lr_scheduler: Optional[LRSchedulerCallable] = None,
-        nonfinite: str = "raise",
-        refine: Optional[Solver] = None,
-        inference: Optional[Fallback] = None,
-    ) -> None:
+    def __init__(self, objective: Objective, amortizer: Amortizer, **kwargs: Any) -> None:
         entropic_objective(objective, "MetaOTModule")
-        super().__init__(objective, amortizer, loss=loss, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                         nonfinite=nonfinite, refine=refine, inference=inference)
+        super().__init__(objective, amortizer, **kwargs)
 
     def evaluation_metrics(self, evaluated: Evaluated) -> dict[str, Tensor]:
         """``marginal_error`` (L1) and ``transport_cost`` of the predictions, ``B`` each."""
