@@ -8,6 +8,7 @@ from datamodules.few_shot_digits import FewShotDigits
 from datamodules.images import DigitsImages, ImageDataModule, MNISTImages
 from datamodules.loader import BatchIndexSampler, ResumableLoader
 from datamodules.meta_ot import ImagePairs
+from datamodules.pendulum_states import PendulumStates
 from datamodules.replay import ReplayBuffer
 from datamodules.sinusoid import SinusoidTasks
 from datamodules.sparse_coding import SparseSignals
@@ -16,7 +17,7 @@ from datamodules.stream import ContextStream, StreamLoader
 
 __all__ = [
     "BatchIndexSampler", "ContextDataModule", "ContextStream", "DigitsClasses", "DigitsImages", "FashionClasses",
-    "FashionMNISTImages", "FewShotDigits", "ImageDataModule", "ImagePairs", "MNISTImages", "ReplayBuffer",
+    "FashionMNISTImages", "FewShotDigits", "ImageDataModule", "ImagePairs", "MNISTImages", "PendulumStates", "ReplayBuffer",
     "ResumableLoader", "SinusoidTasks", "SparseSignals", "SphereContexts", "StreamLoader", "fashion_mnist_folder",
 ]
 # PortfolioReturns (datamodules.convex_qp) is not imported here: it needs the `apps` extra (osqp).

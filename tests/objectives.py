@@ -28,12 +28,14 @@ from datamodules.convex_qp import PortfolioReturns
 from datamodules.digits_classes import DigitsClasses
 from datamodules.few_shot_digits import FewShotDigits
 from datamodules.meta_ot import ImagePairs
+from datamodules.pendulum_states import PendulumStates
 from datamodules.sinusoid import SinusoidTasks
 from datamodules.sparse_coding import SparseSignals
 from lightning_amor.apps.convex_qp import PortfolioQP
 from lightning_amor.apps.deq import DEQClassifier
 from lightning_amor.apps.maml import TaskLoss
 from lightning_amor.apps.meta_ot import EntropicOT
+from lightning_amor.apps.mpc import PendulumMPC
 from lightning_amor.apps.sparse_coding import SparseCoding
 from lightning_amor.apps.sphere import SphereObjective
 from lightning_amor.apps.vae import ELBOObjective
@@ -253,6 +255,7 @@ OBJECTIVES: list[ObjectiveCase] = [
     ObjectiveCase("entropic_ot", lambda: EntropicOT(side=8, epsilon=0.05), _sample_digit_pairs),
     ObjectiveCase("deq", lambda: DEQClassifier(hidden=16, solver=Anderson(steps=500, atol=1e-10)),
                   lambda num, gen: _digits_classes().sample(num, gen)),
+    ObjectiveCase("pendulum_mpc", lambda: PendulumMPC(horizon=10), lambda num, gen: PendulumStates().sample(num, gen)),
 ]
 
 

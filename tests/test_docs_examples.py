@@ -10,7 +10,7 @@ import pytest
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 EXAMPLE_PAGES = ["extending.md", "composite.md", "components.md", "streams.md", "evaluate.md", "applications/maml.md",
-                 "applications/deq.md", "applications/meta_ot.md"]
+                 "applications/deq.md", "applications/meta_ot.md", "applications/mpc.md"]
 """Pages whose Python examples the tests run."""
 
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", flags=re.S | re.M)

@@ -27,6 +27,7 @@ PAGE_ORDER = {
     "applications/meta_ot.md": "Optimal transport (Meta OT)",
     "applications/deq.md": "Deep equilibrium models",
     "applications/maml.md": "Meta-learning (MAML)",
+    "applications/mpc.md": "Model-based control (MPC)",
     "cli.md": "Command line",
     "inference.md": "Inference",
     "export.md": "Export",
