@@ -84,8 +84,11 @@ class ImagePairs(ContextDataModule):
         return int(self.source.images("val").shape[-1])
 
     def _pairs(self, images: Tensor, first: Tensor, second: Tensor) -> Tensor:
-        h = histograms(images, self.floor).to(torch.get_default_dtype())
-        return torch.stack([h[first], h[second]], dim=1)
+        """``num x 2 x n``: the histograms of ``images[first]`` and ``images[second]``. Only the chosen images are
+        normalised (normalising all 60000 Fashion-MNIST training images for a batch of 64 cost 0.19 s a step)."""
+        dtype = torch.get_default_dtype()
+        return torch.stack([histograms(images[first], self.floor).to(dtype),
+                            histograms(images[second], self.floor).to(dtype)], dim=1)
 
     def sample(self, num: int, generator: torch.Generator) -> Tensor:
         """``num`` pairs of two random training images: ``num x 2 x n``."""

@@ -255,6 +255,29 @@ def test_image_pairs_are_histograms_and_hold_out_their_images(tmp_path):
         ImagePairs(floor=0.0)
 
 
+def test_training_pairs_normalise_only_the_images_drawn(monkeypatch):
+    """A training batch is the histograms of the two drawn images of each pair, and only those images are normalised
+    (normalising the whole training set for every batch made a Fashion-MNIST step 0.19 s slower)."""
+    import datamodules.meta_ot as meta_ot_data
+
+    data = ImagePairs(images="digits", val_size=16, test_size=20, floor=0.01)
+    train_images = data.source.images("train")
+    generator = torch.Generator().manual_seed(3)
+    first = torch.randint(train_images.shape[0], (5,), generator=generator)
+    second = torch.randint(train_images.shape[0], (5,), generator=generator)
+    everything = histograms(train_images, 0.01).float()
+    normalised_rows = []
+
+    def counting(images: torch.Tensor, floor: float) -> torch.Tensor:
+        normalised_rows.append(images.shape[0])
+        return histograms(images, floor)
+
+    monkeypatch.setattr(meta_ot_data, "histograms", counting)
+    x = data.sample(5, torch.Generator().manual_seed(3))
+    assert torch.equal(x[:, 0], everything[first]) and torch.equal(x[:, 1], everything[second])
+    assert normalised_rows and max(normalised_rows) <= 5 < train_images.shape[0]
+
+
 def test_warm_start_traces_from_three_starts():
     torch.manual_seed(0)
     objective = EntropicOT(side=4, epsilon=0.02)
