@@ -1,5 +1,6 @@
 """LightningDataModules, one per context distribution p(x)."""
 
+from datamodules.binarized import BinarizedFashionMNIST
 from datamodules.context import ContextDataModule
 from datamodules.digits_classes import DigitsClasses
 from datamodules.fashion_classes import FashionClasses
@@ -16,7 +17,7 @@ from datamodules.sphere import SphereContexts
 from datamodules.stream import ContextStream, StreamLoader
 
 __all__ = [
-    "BatchIndexSampler", "ContextDataModule", "ContextStream", "DigitsClasses", "DigitsImages", "FashionClasses",
+    "BatchIndexSampler", "BinarizedFashionMNIST", "ContextDataModule", "ContextStream", "DigitsClasses", "DigitsImages", "FashionClasses",
     "FashionMNISTImages", "FewShotDigits", "ImageDataModule", "ImagePairs", "MNISTImages", "PendulumStates", "ReplayBuffer",
     "ResumableLoader", "SinusoidTasks", "SparseSignals", "SphereContexts", "StreamLoader", "fashion_mnist_folder",
 ]

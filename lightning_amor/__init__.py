@@ -21,6 +21,7 @@ from lightning_amor.fixed_point import (
     FixedPointResult,
     implicit_fixed_point,
 )
+from lightning_amor.importance import ImportanceEstimate, importance_log_likelihood
 from lightning_amor.inference import Calibration, Fallback, InferenceResult
 from lightning_amor.losses import AmortizationLoss, IterateSumLoss, ObjectiveLoss, RegressionLoss
 from lightning_amor.metrics import AmortizationMetrics
@@ -61,6 +62,7 @@ __all__ = [
     "FullyAmortized",
     "GradientStep",
     "ISTA",
+    "ImportanceEstimate",
     "InferenceResult",
     "InnerSolveReport",
     "InnerUpdate",
@@ -88,5 +90,6 @@ __all__ = [
     "export_onnx",
     "export_torchscript",
     "implicit_fixed_point",
+    "importance_log_likelihood",
     "solve_to_tolerance",
 ]
