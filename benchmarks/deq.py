@@ -7,7 +7,9 @@ Fashion-MNIST) and its held-out test inputs, every solver runs to the same absol
 * **zero**: z⁰ = 0, the usual cold start;
 * **previous**: the fixed point of the previous held-out input (inputs taken in the test set's order, as a stream
   would bring them; the first input starts from zero);
-* **learned**: the initializer's prediction ẑ_θ(x) (its time is added to the solver's).
+* **learned**: the initializer's prediction ẑ_θ(x) (its time is added to the solver's). An ``InjectionInitializer``
+  reads the DEQ's injection U x + b, computed inside the prediction and so timed with it; it applies no W, so it
+  counts no evaluation of g.
 
 Solvers: this project's :class:`~lightning_amor.fixed_point.Anderson` and
 :class:`~lightning_amor.fixed_point.FixedPointIteration`, and torchdeq's ``anderson`` and ``fixed_point_iter``

@@ -10,7 +10,7 @@ import torch
 
 from datamodules.digits_classes import DigitsClasses, shifted
 from lightning_amor.amortizers import AmortizedOutput, FullyAmortized
-from lightning_amor.apps.deq import DEQClassifier, DEQModule, KeyedMLP, SolvedRegressionLoss
+from lightning_amor.apps.deq import DEQClassifier, DEQModule, InjectionInitializer, KeyedMLP, SolvedRegressionLoss
 from lightning_amor.fixed_point import Anderson, FixedPointIteration
 from lightning_amor.objective import ObjectiveShapeError
 from lightning_amor.residual_figures import residual_curves_figure, residual_trace
@@ -129,6 +129,58 @@ def test_the_task_loss_trains_only_the_deq_through_the_implicit_gradient(digits)
         z = g(z)
     torch.nn.functional.cross_entropy(objective.logits(z), x["label"], reduction="none").mean().backward()
     torch.testing.assert_close(head_grad, objective.recurrent.grad, atol=1e-5, rtol=1e-3)
+
+
+def test_the_equilibrium_term_pulls_the_fixed_point_towards_the_initializer(digits):
+    """λ‖z* − ẑ‖² is added to the task loss per context, and gradient steps on φ alone (ẑ held constant) bring z*
+    closer to ẑ than the task loss alone does."""
+    x = batch(digits)
+    plain, pulled = make_module(), make_module()
+    pulled.equilibrium_weight = 5.0
+    output = plain.amortizer(x, plain.objective)
+    start = AmortizedOutput(y=output.y.detach(), iterates=[])
+    task, total = plain.objective_loss(x, None, start), pulled.objective_loss(x, None, start)
+    z_star = plain.objective.solver.solve(plain.objective, x, init=start.y).y
+    torch.testing.assert_close(total, task + 5.0 * ((z_star - start.y) ** 2).sum(-1), atol=1e-4, rtol=1e-4)
+
+    def distance_after_steps(module: DEQModule) -> float:
+        optimizer = torch.optim.Adam(module.objective.parameters(), lr=1e-2)
+        for _ in range(15):
+            optimizer.zero_grad()
+            module.objective_loss(x, None, start).mean().backward()
+            optimizer.step()
+        with torch.no_grad():
+            z = module.objective.solver.solve(module.objective, x, init=start.y).y
+        return float((z - start.y).norm(dim=-1).median())
+
+    before = float((z_star - start.y).norm(dim=-1).median())
+    assert distance_after_steps(pulled) < 0.5 * min(before, distance_after_steps(plain))
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError, match="equilibrium_weight must be a non-negative number"):
+            DEQModule(plain.objective, plain.amortizer, objective_optimizer=torch.optim.Adam, equilibrium_weight=bad)
+
+
+def test_the_injection_initializer_starts_where_one_step_from_zero_lands_and_learns_the_rest(digits):
+    objective = DEQClassifier(hidden=16)
+    initializer = InjectionInitializer(64, 16, hidden=[32])
+    x = batch(digits, 8)
+    with torch.no_grad():
+        last = initializer.net.layers[-1]
+        last.weight.zero_()
+        last.bias.zero_()
+        start = initializer(x, objective).y
+        torch.testing.assert_close(start, objective.step(torch.zeros(8, 16), x))  # tanh(U x + b) = g(0)
+    assert start.shape == (8, 16) and bool((start.abs() < 1).all())
+    # the net's part learns (φ frozen by the module; here its gradient is simply not asked for)
+    loss = SolvedRegressionLoss()(initializer(x, objective), x, objective).mean()
+    loss.backward()
+    assert float(last.weight.grad.abs().sum()) > 0
+    with pytest.raises(ObjectiveShapeError, match="hidden_dim=16 but the DEQ has input_dim=64, hidden=8"):
+        initializer(x, DEQClassifier(hidden=8))
+    with pytest.raises(TypeError, match="needs a DEQClassifier"):
+        initializer(x, object())
+    with pytest.raises(ObjectiveShapeError, match="key 'image'"):
+        initializer({"pixels": x["image"]}, objective)
 
 
 def test_shifted_digits_train_the_initializer_but_not_the_task(digits):

@@ -13,9 +13,15 @@ learn (``AmortizedModule(objective_optimizer=...)``, docs/components.md):
 - the objective's parameters φ (U, b, V and the head) learn the task: the cross-entropy of head(z*) against the
   label carried by the context, differentiated through z* by the implicit function theorem
   (:func:`~lightning_amor.fixed_point.implicit_fixed_point`), so no solver iteration is kept in memory;
-- the amortizer is the initializer ẑ_θ(x) (an MLP on the image): it learns to predict z* by regression onto the
-  solver's fixed point (:class:`SolvedRegressionLoss`, optionally plus the residual f(ẑ)), with φ held constant.
-  The solver then starts from ẑ_θ(x) instead of zero, in training and at inference.
+- the amortizer is the initializer ẑ_θ(x) (an MLP on the image, :class:`KeyedMLP`, or one that also reads the
+  DEQ's injection U x + b and predicts only the rest of the pre-activation, :class:`InjectionInitializer`): it
+  learns to predict z* by regression onto the solver's fixed point (:class:`SolvedRegressionLoss`, optionally plus
+  the residual f(ẑ)), with φ held constant. The solver then starts from ẑ_θ(x) instead of zero, in training and at
+  inference.
+
+Optionally (``DEQModule(equilibrium_weight=λ)``) the DEQ's task loss also pulls its fixed point towards the
+initializer's prediction, λ‖z* − stopgrad(ẑ)‖² (joint training as in HyperDEQ), so that φ learns equilibria that
+are easier to predict.
 
 Contexts are ``{"image": B x 64, "label": B}`` (:class:`datamodules.digits_classes.DigitsClasses`). The task's
 accuracy must not depend on where the solver starts: :class:`DEQModule` reports the accuracy and the solver's
@@ -163,6 +169,41 @@ class KeyedMLP(nn.Module):
         return torch.tanh(out) if self.squash else out
 
 
+class InjectionInitializer(Amortizer):
+    """ẑ_θ(x) = tanh(a + net([x, a])) with a = U x + b the DEQ's own injection: an initializer that predicts only
+    the recurrent part W z* of the fixed point's pre-activation (z* = tanh(W z* + a)).
+
+    The injection is what every solve computes once before its first evaluation of g (it is not an evaluation of
+    g: W is never applied), so the start costs no g-evaluation. φ is held constant in the initializer's own loss
+    (the module freezes it), so a carries no gradient to U or b from there.
+
+    Args:
+        input_dim: numbers per image (the DEQ's ``input_dim``).
+        hidden_dim: n, the DEQ's ``hidden``.
+        hidden: widths of the MLP's hidden layers; the MLP maps ``B x (input_dim + n)`` to ``B x n``.
+        key: the context entry holding the image.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int, hidden: Sequence[int] = (256, 256), key: str = "image"
+                 ) -> None:
+        super().__init__()
+        self.input_dim, self.hidden_dim, self.key = input_dim, hidden_dim, key
+        self.net = MLP(input_dim + hidden_dim, hidden_dim, hidden=list(hidden))
+
+    def forward(self, x: Context, objective: Objective) -> AmortizedOutput:
+        """``B x n``, in (−1, 1)."""
+        if not isinstance(objective, DEQClassifier):
+            raise TypeError(f"InjectionInitializer needs a DEQClassifier objective, got {type(objective).__name__}")
+        if (objective.input_dim, objective.dim) != (self.input_dim, self.hidden_dim):
+            raise ObjectiveShapeError(
+                f"InjectionInitializer was built for input_dim={self.input_dim}, hidden_dim={self.hidden_dim} but the "
+                f"DEQ has input_dim={objective.input_dim}, hidden={objective.dim}; set them equal")
+        image = objective.image({"image": _entry(x, self.key, "InjectionInitializer")})  # flattened, input_dim checked
+        injected = objective.injection(image)
+        y = torch.tanh(injected + self.net(torch.cat([image, injected], dim=-1)))
+        return AmortizedOutput(y=y, iterates=[y])
+
+
 class SolvedRegressionLoss(AmortizationLoss):
     """‖ẑ − z*‖² + w · f(ẑ): regression onto the solver's answer from the prediction, plus a residual term.
 
@@ -199,9 +240,11 @@ class DEQModule(AmortizedModule):
 
     Training (two components: set ``objective_optimizer``): the initializer learns by ``loss`` (default
     :class:`SolvedRegressionLoss`); the DEQ by :meth:`objective_loss`, the cross-entropy at the fixed point solved
-    from the initializer's prediction, with the implicit gradient. Logged every logging step: ``train/objective_loss``,
-    ``train/forward_iterations``, ``train/forward_unconverged`` and ``train/backward_unconverged`` (contexts of the
-    batch whose solve did not converge; a warning with the residual trace is given the first time).
+    from the initializer's prediction, with the implicit gradient (plus ``equilibrium_weight`` · ‖z* − ẑ‖²). Logged
+    every logging step: ``train/objective_loss``, ``train/forward_iterations``, ``train/forward_unconverged`` and
+    ``train/backward_unconverged`` (contexts of the batch whose solve did not converge; a warning with the residual
+    trace is given the first time), and with ``equilibrium_weight`` > 0 ``train/equilibrium_distance`` (mean
+    ‖z* − ẑ‖).
 
     Validation and test (``refine``: the fixed-point solver run from the prediction, which gives the reference z*):
     ``accuracy`` (of head(z*) from the learned start), ``cold_accuracy`` (from z = 0), ``initializer_accuracy``
@@ -211,9 +254,12 @@ class DEQModule(AmortizedModule):
     Args:
         objective: the :class:`DEQClassifier`; its ``solver`` is also the default ``refine`` and the default
             ``inference`` policy's solver (``Fallback(tolerance=solver.atol, solver=solver)``).
-        amortizer: the initializer (a ``FullyAmortized`` :class:`KeyedMLP`).
+        amortizer: the initializer (a ``FullyAmortized`` :class:`KeyedMLP` or an :class:`InjectionInitializer`).
         backward_solver: the solver of the implicit gradient's linear fixed point (default
             ``Anderson(steps=100, atol=1e-6)``).
+        equilibrium_weight: λ ≥ 0, the weight of ‖z* − stopgrad(ẑ)‖² added to the DEQ's task loss (joint training,
+            HyperDEQ-style: φ learns equilibria that the initializer can predict; the gradient reaches φ through z*
+            implicitly, the initializer is untouched by it). 0 (default): the task loss alone.
         loss, refine, inference, objective_optimizer, **kwargs: as :class:`~lightning_amor.AmortizedModule` (its
             other arguments pass through).
     """
@@ -227,6 +273,7 @@ class DEQModule(AmortizedModule):
         inference: Optional[Fallback] = None,
         objective_optimizer: Optional[OptimizerCallable] = None,
         backward_solver: Optional[FixedPointSolver] = None,
+        equilibrium_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         if not isinstance(objective, DEQClassifier):
@@ -234,6 +281,9 @@ class DEQModule(AmortizedModule):
         if objective_optimizer is None:
             raise ValueError("DEQModule trains the DEQ by its task loss as a separate component: set "
                              "model.init_args.objective_optimizer (e.g. {class_path: torch.optim.Adam})")
+        if not equilibrium_weight >= 0:  # also catches NaN
+            raise ValueError(f"DEQModule: equilibrium_weight must be a non-negative number (0 turns the term off), got "
+                             f"{equilibrium_weight}")
         if inference is None:
             inference = Fallback(tolerance=_tolerance_of(objective.solver), solver=objective.solver)
         super().__init__(
@@ -242,6 +292,7 @@ class DEQModule(AmortizedModule):
             objective_optimizer=objective_optimizer, **kwargs,
         )
         self.backward_solver = backward_solver
+        self.equilibrium_weight = float(equilibrium_weight)
         self._refined: Optional[FixedPointResult] = None
         self._warned = False
 
@@ -267,9 +318,9 @@ class DEQModule(AmortizedModule):
 
     def objective_loss(self, x: Context, y_star: Optional[Tensor], output: AmortizedOutput) -> Tensor:
         """The cross-entropy of head(z*) against the labels, ``B``; z* solved from the (detached) prediction and
-        differentiated implicitly. Contexts marked ``"shifted"`` (augmented digits, see
-        :class:`~datamodules.digits_classes.DigitsClasses`) get zero weight, the others ``B / kept`` so that the mean
-        over the batch is the mean over the kept ones."""
+        differentiated implicitly, plus ``equilibrium_weight`` · ‖z* − ẑ‖² (ẑ the detached prediction). Contexts
+        marked ``"shifted"`` (augmented digits, see :class:`~datamodules.digits_classes.DigitsClasses`) get zero
+        weight, the others ``B / kept`` so that the mean over the batch is the mean over the kept ones."""
         objective: DEQClassifier = self.objective
         cached = getattr(self.loss, "last", None)
         if cached is not None and cached[0].shape == output.y.shape and torch.equal(cached[0], output.y):
@@ -284,6 +335,11 @@ class DEQModule(AmortizedModule):
             self.log("train/forward_iterations", result.iterations.double().mean(), batch_size=batch)
         self._pending_backward = backward
         loss = F.cross_entropy(objective.logits(z), objective.labels(x), reduction="none")
+        if self.equilibrium_weight:
+            distance = ((z - output.y.detach()) ** 2).sum(-1)
+            loss = loss + self.equilibrium_weight * distance
+            if self._logs():
+                self.log("train/equilibrium_distance", distance.detach().sqrt().mean(), batch_size=batch)
         if isinstance(x, dict) and "shifted" in x:  # augmented inputs train the initializer only
             kept = (~x["shifted"].bool()).to(loss.dtype)
             loss = loss * kept / kept.mean().clamp_min(1.0 / batch)
