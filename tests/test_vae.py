@@ -395,6 +395,7 @@ def test_speedup_benchmark_smoke(tmp_path, monkeypatch):
     results = vae_speedup.main([
         "--ckpt", str(ckpt), "--batch", "40", "--iterations", "60",
         "--warmup", "1", "--repeats", "3", "--adam-repeats", "1", "--svi-steps", "10", "--images", "4",
+        "--formats",  # no exported formats: tests/test_vae_pictures.py times them
         "--out", str(out),
     ])
     assert results["images"] == 40
