@@ -6,6 +6,7 @@ from datamodules.digits_classes import DigitsClasses
 from datamodules.fashion_classes import FashionClasses
 from datamodules.fashion_mnist import FashionMNISTImages, fashion_mnist_folder
 from datamodules.few_shot_digits import FewShotDigits
+from datamodules.gym_replay import GymReplayData, GymReplayStream
 from datamodules.images import DigitsImages, ImageDataModule, MNISTImages
 from datamodules.loader import BatchIndexSampler, ResumableLoader
 from datamodules.meta_ot import ImagePairs
@@ -17,9 +18,10 @@ from datamodules.sphere import SphereContexts
 from datamodules.stream import ContextStream, StreamLoader
 
 __all__ = [
-    "BatchIndexSampler", "BinarizedFashionMNIST", "ContextDataModule", "ContextStream", "DigitsClasses", "DigitsImages", "FashionClasses",
-    "FashionMNISTImages", "FewShotDigits", "ImageDataModule", "ImagePairs", "MNISTImages", "PendulumStates", "ReplayBuffer",
-    "ResumableLoader", "SinusoidTasks", "SparseSignals", "SphereContexts", "StreamLoader", "fashion_mnist_folder",
+    "BatchIndexSampler", "BinarizedFashionMNIST", "ContextDataModule", "ContextStream", "DigitsClasses",
+    "DigitsImages", "FashionClasses", "FashionMNISTImages", "FewShotDigits", "GymReplayData", "GymReplayStream",
+    "ImageDataModule", "ImagePairs", "MNISTImages", "PendulumStates", "ReplayBuffer", "ResumableLoader",
+    "SinusoidTasks", "SparseSignals", "SphereContexts", "StreamLoader", "fashion_mnist_folder",
 ]
 # PortfolioReturns (datamodules.convex_qp) is not imported here: it needs the `apps` extra (osqp).
 

@@ -27,10 +27,12 @@ from datamodules import DigitsImages, SphereContexts
 from datamodules.convex_qp import PortfolioReturns
 from datamodules.digits_classes import DigitsClasses
 from datamodules.few_shot_digits import FewShotDigits
+from datamodules.gym_replay import GymReplayData
 from datamodules.meta_ot import ImagePairs
 from datamodules.pendulum_states import PendulumStates
 from datamodules.sinusoid import SinusoidTasks
 from datamodules.sparse_coding import SparseSignals
+from lightning_amor.apps.actor_critic import SoftQObjective
 from lightning_amor.apps.convex_qp import PortfolioQP
 from lightning_amor.apps.deq import DEQClassifier
 from lightning_amor.apps.maml import TaskLoss
@@ -256,6 +258,9 @@ OBJECTIVES: list[ObjectiveCase] = [
     ObjectiveCase("deq", lambda: DEQClassifier(hidden=16, solver=Anderson(steps=500, atol=1e-10)),
                   lambda num, gen: _digits_classes().sample(num, gen)),
     ObjectiveCase("pendulum_mpc", lambda: PendulumMPC(horizon=10), lambda num, gen: PendulumStates().sample(num, gen)),
+    ObjectiveCase("soft_q", lambda: SoftQObjective(obs_dim=3, action_dim=1, hidden=(32,)),
+                  lambda num, gen: GymReplayData(val_size=8, test_size=8).sample(num, gen),
+                  in_domain=lambda y: (y[:, 1] >= -20.0) & (y[:, 1] <= 2.0)),
 ]
 
 

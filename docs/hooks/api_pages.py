@@ -28,6 +28,7 @@ PAGE_ORDER = {
     "applications/deq.md": "Deep equilibrium models",
     "applications/maml.md": "Meta-learning (MAML)",
     "applications/mpc.md": "Model-based control (MPC)",
+    "applications/sac.md": "Model-free control (SAC)",
     "cli.md": "Command line",
     "inference.md": "Inference",
     "export.md": "Export",
