@@ -21,6 +21,11 @@ is run too and written as its own section.
 
     OMP_NUM_THREADS=1 python -m benchmarks.control                 # after training both recipes (about 10 minutes)
     OMP_NUM_THREADS=1 python -m benchmarks.control --quick         # a smoke run into a temporary folder
+    OMP_NUM_THREADS=1 python -m benchmarks.control --only-semi     # after retraining the semi recipe (about 2 min)
+
+``--only-semi`` runs the closed loop of the semi-amortized policy alone and takes the other controllers' rows from
+the previous full run's ``OUT/control_results.json`` (marked "previous run" with its date); the protocol is
+measured again (the semi row needs the per-state Adam curve, which the JSON does not keep).
 """
 
 from __future__ import annotations
@@ -153,7 +158,9 @@ def protocol_figure(results: dict[str, Any], path: Path) -> None:
 
 
 def controllers(modules: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The four closed-loop controllers."""
+    """The four closed-loop controllers (only the semi-amortized one with ``--only-semi``)."""
+    if args.only_semi:
+        return {"semi-amortized": AmortizedController(modules["semi"], "semi-amortized")}
     objective = modules["full"].objective
     out: dict[str, Any] = {"amortized": AmortizedController(modules["full"], "amortized")}
     if "semi" in modules:
@@ -164,6 +171,17 @@ def controllers(modules: dict[str, Any], args: argparse.Namespace) -> dict[str, 
         objective, CEM(iterations=args.cem_iterations, population=args.cem_population, elites=args.cem_elites,
                        init_std=1.0, lower=-3.0, upper=3.0), name="cem_mpc")
     return out
+
+
+def merge_closed_loop(previous: dict[str, Any], fresh: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The closed-loop rows of this run (``fresh``) in the order of a previous run's JSON (``previous``, ``{}`` for
+    none), its rows kept where this run has none, marked ``previous_run`` with that run's date."""
+    rows: dict[str, dict[str, Any]] = {}
+    for label, row in previous.get("closed_loop", {}).items():
+        rows[label] = fresh[label] if label in fresh else \
+            {**row, "previous_run": row.get("previous_run", previous["meta"]["date"])}
+    rows.update(fresh)
+    return rows
 
 
 def closed_loop(modules: dict[str, Any], args: argparse.Namespace, out: Path) -> dict[str, EpisodeResult]:
@@ -187,7 +205,8 @@ def closed_loop(modules: dict[str, Any], args: argparse.Namespace, out: Path) ->
 
 def report_text(results: dict[str, Any], args: argparse.Namespace) -> str:
     meta, prot = results["meta"], results["protocol"]
-    command = "OMP_NUM_THREADS=1 python -m benchmarks.control" + (" --quick" if args.quick else "")
+    command = ("OMP_NUM_THREADS=1 python -m benchmarks.control" + (" --quick" if args.quick else "")
+               + (" --only-semi" if args.only_semi else ""))
     lines = [
         SECTION, "",
         f"Command: `{command}` (checkpoints of `recipes/control/mpc_pendulum.yaml` and "
@@ -212,7 +231,7 @@ def report_text(results: dict[str, Any], args: argparse.Namespace) -> str:
                    f"not within {prot['iterations']} it ({row['adam_seconds_to_match']:.2f} s; Adam's mean cost "
                    f"{row['adam_mean_f_end']:.2f})")
         ratio = f"{'≥ ' if row['ratio_is_lower_bound'] else ''}{row['ratio']:.0f}×"
-        label = {"full": "fully amortized (MLP)", "semi": "semi-amortized (MLP + 5 gradient steps)"}[name]
+        label = {"full": "fully amortized (MLP)", "semi": "semi-amortized (MLP + 5 Adam steps)"}[name]
         left = (f" ({row['left_out']} states where it is no better than zero actions left out)"
                 if row["left_out"] else "")
         lines.append(f"| {label} | {row['policy_ms']:.2f} ms | {row['mean_f_zero']:.2f} → {row['mean_f_policy']:.2f}"
@@ -230,11 +249,16 @@ def report_text(results: dict[str, Any], args: argparse.Namespace) -> str:
         "|---|---|---|---|",
     ]
     for label, row in results["closed_loop"].items():
+        if "previous_run" in row:
+            label = f"{label} (previous run, {row['previous_run']})"
         lines.append(f"| {label} | {row['mean']:.1f} ± {row['std']:.1f} | "
                      f"{', '.join(f'{r:.0f}' for r in row['returns'])} | {row['ms_per_step']:.2f} ms |")
+    loop_figure = ("`benchmarks/figures/control_closed_loop_semi.png` (this run's semi-amortized episodes: angle and "
+                   "torque against time; `control_closed_loop.png` has the previous full run's four controllers)"
+                   if args.only_semi else
+                   "`benchmarks/figures/control_closed_loop.png` (angle and torque against time)")
     lines += ["", "Figures: `benchmarks/figures/control_protocol.png` (normalised value against Adam iterations and "
-              "seconds), `benchmarks/figures/control_closed_loop.png` (angle and torque against time), and the core "
-              "evaluation's `control_full_{speedup,gap,warm_start}.png`.", ""]
+              f"seconds), {loop_figure}, and the core evaluation's `control_full_{{speedup,gap,warm_start}}.png`.", ""]
     return "\n".join(lines)
 
 
@@ -257,6 +281,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--actor-ckpt", default=None,
                         help="checkpoint of the model-free actor-critic: also run benchmarks.control_actor's protocol")
     parser.add_argument("--quick", action="store_true", help="a smoke run into a temporary folder, no RESULTS.md")
+    parser.add_argument("--only-semi", action="store_true",
+                        help="closed loop of the semi-amortized policy only; the other controllers' rows come from "
+                             "the previous run's OUT/control_results.json")
     parser.add_argument("--results", default="benchmarks/RESULTS.md")
     parser.add_argument("--out", default=None, help="figures, JSON and TensorBoard (default benchmarks/figures; a "
                                                     "temporary folder with --quick)")
@@ -267,6 +294,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         args.states, args.iterations, args.episodes, args.episode_steps = 64, 60, 2, 20
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    previous: dict[str, Any] = {}
+    if args.only_semi:
+        if args.semi_ckpt == "none":
+            raise SystemExit("--only-semi needs the semi-amortized checkpoint (--semi-ckpt)")
+        try:
+            previous = json.loads((out / "control_results.json").read_text())
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--only-semi reuses the other controllers' rows of a previous full run, but "
+                             f"{out / 'control_results.json'} could not be read ({error}); run the benchmark "
+                             f"without --only-semi first") from error
     torch.manual_seed(0)
     load = [os.getloadavg()[0]]
     modules = {"full": load_module(args.ckpt)}
@@ -288,10 +325,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     episodes = closed_loop(modules, args, out)
     figure = trajectory_figure(episodes)
-    figure.savefig(out / "control_closed_loop.png", dpi=100)
-    results["closed_loop"] = {
-        label: {"returns": r.returns.tolist(), "mean": float(r.returns.mean()), "std": float(r.returns.std()),
-                "ms_per_step": 1000.0 * float(np.median(r.step_seconds))} for label, r in episodes.items()}
+    figure.savefig(out / ("control_closed_loop_semi.png" if args.only_semi else "control_closed_loop.png"), dpi=100)
+    fresh = {label: {"returns": r.returns.tolist(), "mean": float(r.returns.mean()), "std": float(r.returns.std()),
+                     "ms_per_step": 1000.0 * float(np.median(r.step_seconds))} for label, r in episodes.items()}
+    results["closed_loop"] = merge_closed_loop(previous, fresh)
     load.append(os.getloadavg()[0])
     results["meta"] = {"date": str(date.today()), "machine": f"{cpu_name()}, {os.cpu_count()} cores",
                        "threads": torch.get_num_threads(), "load": load, "horizon": modules["full"].objective.horizon}

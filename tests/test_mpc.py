@@ -233,3 +233,18 @@ def test_the_distance_between_plans_is_in_torques():
     saturated = torch.tensor([[10.0, 0.0, 0.0]])
     assert objective.distance_flat(saturated, saturated + torch.tensor([[20.0, 0.0, 0.0]])).item() < 1e-6
     assert objective.distance_flat(torch.zeros(1, 3), saturated).item() == pytest.approx(2.0, abs=1e-6)
+
+
+
+def test_the_benchmark_reruns_only_the_semi_amortized_closed_loop_and_marks_the_rows_it_reuses():
+    from benchmarks.control import merge_closed_loop
+
+    previous = {"meta": {"date": "2026-11-28"},
+                "closed_loop": {"amortized": {"mean": -144.7}, "semi-amortized": {"mean": -540.7},
+                                "CEM MPC": {"mean": -143.8, "previous_run": "2026-11-20"}}}
+    rows = merge_closed_loop(previous, {"semi-amortized": {"mean": -150.0}})
+    assert list(rows) == ["amortized", "semi-amortized", "CEM MPC"]  # the table keeps its order
+    assert rows["semi-amortized"] == {"mean": -150.0}  # measured now, not marked
+    assert rows["amortized"] == {"mean": -144.7, "previous_run": "2026-11-28"}
+    assert rows["CEM MPC"]["previous_run"] == "2026-11-20"  # a row reused twice keeps the date it was measured
+    assert merge_closed_loop({}, {"amortized": {"mean": -1.0}}) == {"amortized": {"mean": -1.0}}
