@@ -164,13 +164,19 @@ def recipe_configs(path: Path) -> list[Path]:
     return read_recipe(path).configs
 
 
-def application_summary(name: str) -> str:
-    """The first line of the docstring of ``lightning_amor/apps/<name>.py`` (read without importing it), or ``""``."""
+def application_summary(name: str, folder: Optional[Path] = None) -> str:
+    """The first line of the docstring of ``lightning_amor/apps/<name>.py`` (read without importing it); for an
+    application folder whose recipes span several modules (``control``: MPC and SAC), the first line of the
+    ``README.md`` in ``folder`` (the recipes' folder), without its ``#``; ``""`` when neither exists."""
     source = Path(lightning_amor.__file__).resolve().parent / "apps" / f"{name}.py"
-    if not source.is_file():
-        return ""
-    docstring = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))) or ""
-    return docstring.strip().splitlines()[0] if docstring.strip() else ""
+    if source.is_file():
+        docstring = ast.get_docstring(ast.parse(source.read_text(encoding="utf-8"))) or ""
+        return docstring.strip().splitlines()[0] if docstring.strip() else ""
+    readme = folder / "README.md" if folder is not None else None
+    if readme is not None and readme.is_file():
+        lines = readme.read_text(encoding="utf-8").strip().splitlines()
+        return lines[0].lstrip("#").strip() if lines else ""
+    return ""
 
 
 def find_recipes(root: Path) -> dict[str, list[Path]]:
@@ -212,7 +218,7 @@ def format_listing(groups: dict[str, list[Path]], root: Optional[Path] = None) -
     by_name = root if root is not None and is_packaged(root) else None
     out = [f"Recipes in {root.resolve()}" + (" (installed with the package)" if by_name else ""), ""] if root else []
     for group, paths in groups.items():
-        about = application_summary(group)
+        about = application_summary(group, paths[0].parent)
         out.append(f"{group}" + (f": {about}" if about else ""))
         for path in paths:
             recipe = read_recipe(path, shown_as=_display_path(path), names_below=by_name)
