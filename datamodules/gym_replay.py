@@ -184,8 +184,8 @@ class GymReplayData(ContextDataModule):
     split's generator), so their states cover the reset distribution and its first swings; only their states
     matter to the objective.
 
-    The other arguments are :class:`~datamodules.context.ContextDataModule`'s (``num_workers`` must be 0: the
-    stream steps the environment in the training process).
+    The other arguments (``**kwargs``) are :class:`~datamodules.context.ContextDataModule`'s (``num_workers``
+    must be 0: the stream steps the environment in the training process).
 
     Args:
         env_id: the gymnasium environment.
@@ -200,20 +200,14 @@ class GymReplayData(ContextDataModule):
         env_id: str = "Pendulum-v1",
         capacity: int = 100_000,
         learning_starts: int = 100,
-        batch_size: int = 256,
         batches_per_epoch: int = 1000,
-        val_size: int = 1024,
-        test_size: int = 1024,
-        eval_batch_size: int = 1024,
-        seed: int = 0,
-        num_workers: int = 0,
-        cache_dir: Optional[str] = None,
         progress_bar: bool = False,
+        **kwargs: Any,
     ) -> None:
-        stream = GymReplayStream(env_id, capacity, learning_starts)
-        super().__init__(batch_size=batch_size, batches_per_epoch=batches_per_epoch, val_size=val_size,
-                         test_size=test_size, eval_batch_size=eval_batch_size, seed=seed, num_workers=num_workers,
-                         cache_dir=cache_dir, progress_bar=progress_bar, stream=stream)
+        if "stream" in kwargs:
+            raise TypeError("GymReplayData makes its own stream (a GymReplayStream of env_id); do not pass stream")
+        super().__init__(batches_per_epoch=batches_per_epoch, progress_bar=progress_bar,
+                         stream=GymReplayStream(env_id, capacity, learning_starts), **kwargs)
         self.env_id = env_id
 
     def sample(self, num: int, generator: torch.Generator) -> Context:
