@@ -74,6 +74,17 @@ def quadratic_parts(x: dict[str, Tensor], side: str) -> tuple[Tensor, Tensor]:
     return 2.0 / k * a.transpose(1, 2) @ a, (2.0 / k * a.transpose(1, 2) @ y).squeeze(-1)
 
 
+def imaml_closed_form(x: dict[str, Tensor], lam: float, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """On the quadratic tasks: the proximal solution w* = (H + λI)⁻¹(c + λθ) (``B x n``) and the outer gradient
+    dL/dθ = Σ_tasks λ(H + λI)⁻¹ (H_q w* − c_q) (``n``)."""
+    h, c = quadratic_parts(x, "support")
+    hq, cq = quadratic_parts(x, "query")
+    eye = torch.eye(theta.numel(), dtype=torch.float64)
+    w_star = torch.linalg.solve(h + lam * eye, c + lam * theta)
+    gradient = (lam * torch.linalg.solve(h + lam * eye, (hq @ w_star.unsqueeze(-1)).squeeze(-1) - cq)).sum(0)
+    return w_star, gradient
+
+
 # --- the gradient modes on a quadratic inner problem --------------------------------------------------------------
 
 
@@ -84,13 +95,7 @@ def test_implicit_gradient_agrees_with_the_unrolled_one_and_the_closed_form() ->
     unrolled = linear_maml("unroll", steps=400, shrinkage=lam)
     unrolled.load_state_dict(implicit.state_dict())
     g_implicit, g_unrolled = outer_gradient(implicit, x), outer_gradient(unrolled, x)
-    # closed form: w* = (H + λI)⁻¹(c + λθ), dL/dθ = Σ_tasks λ(H + λI)⁻¹ (H_q w* − c_q)
-    h, c = quadratic_parts(x, "support")
-    hq, cq = quadratic_parts(x, "query")
-    theta = implicit.amortizer.init.value.detach()
-    eye = torch.eye(theta.numel(), dtype=torch.float64)
-    w_star = torch.linalg.solve(h + lam * eye, c + lam * theta)
-    expected = (lam * torch.linalg.solve(h + lam * eye, (hq @ w_star.unsqueeze(-1)).squeeze(-1) - cq)).sum(0)
+    w_star, expected = imaml_closed_form(x, lam, implicit.amortizer.init.value.detach())
     torch.testing.assert_close(g_implicit, expected, rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(g_unrolled, expected, rtol=1e-6, atol=1e-8)
     # the prediction itself is the proximal solution
@@ -109,12 +114,7 @@ def test_imaml_to_tolerance_gives_the_closed_form_gradient_on_a_quadratic() -> N
     unrolled.amortizer.init.load_state_dict(amortizer.init.state_dict())
     g_tol, g_unrolled = outer_gradient(module, x), outer_gradient(unrolled, x)
     assert bool(amortizer.last_report.converged.all()), amortizer.last_report
-    h, c = quadratic_parts(x, "support")
-    hq, cq = quadratic_parts(x, "query")
-    theta = amortizer.init.value.detach()
-    eye = torch.eye(theta.numel(), dtype=torch.float64)
-    w_star = torch.linalg.solve(h + lam * eye, c + lam * theta)
-    expected = (lam * torch.linalg.solve(h + lam * eye, (hq @ w_star.unsqueeze(-1)).squeeze(-1) - cq)).sum(0)
+    w_star, expected = imaml_closed_form(x, lam, amortizer.init.value.detach())
     # the inner residual is 1e-7 of its start, so the gradients agree to about that times the conditioning
     torch.testing.assert_close(g_tol, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(g_tol, g_unrolled, rtol=1e-5, atol=1e-6)
