@@ -20,9 +20,9 @@ class DigitsClasses(LabelledImages):
 
     With ``shift``, a share ``shift_share`` of every training batch is moved by a random whole-pixel shift of at most
     ``shift`` pixels in each direction (the pixels moved in are blank), so a model sees many more distinct inputs than
-    the 1029 or so training digits. Such batches carry ``"shifted"`` (``B`` bool), so a loss can tell the moved
-    digits apart (a DEQ's task loss skips them; its initializer learns from all). Validation and test digits are
-    never shifted and carry no such entry.
+    the 1029 or so training digits; the shift comes before :class:`~datamodules.labelled.LabelledImages`' mixing and
+    noise. Moved digits are marked in ``"augmented"`` (``B`` bool) like those, so a loss can tell them apart (a DEQ's
+    task loss skips them; its initializer learns from all). Validation and test digits are never moved.
 
     Args:
         val_size: validation digits.
@@ -30,7 +30,8 @@ class DigitsClasses(LabelledImages):
         split_seed: the seed of the held-out permutation.
         shift: the largest shift of a training digit in pixels (0: none).
         shift_share: the share of each training batch that is shifted (with ``shift``).
-        **kwargs: the :class:`~datamodules.context.ContextDataModule` arguments.
+        **kwargs: the :class:`~datamodules.labelled.LabelledImages` arguments (``mix_share``, ``noise``,
+            ``noise_share``) and the :class:`~datamodules.context.ContextDataModule` ones.
     """
 
     noun = "digits"
@@ -73,16 +74,16 @@ class DigitsClasses(LabelledImages):
         parts = {"val": order[: self.val_size], "test": order[self.val_size : holdout], "train": order[holdout:]}
         return {k: {"image": images[i], "label": labels[i]} for k, i in parts.items()}
 
-    def sample(self, num: int, generator: torch.Generator) -> dict[str, Tensor]:
-        """``num`` random training digits (distinct within the batch): ``{"image": num x 64, "label": num}``, and
-        ``"shifted"`` (``num`` bool) with ``shift``."""
-        batch = super().sample(num, generator)
-        if not self.shift:
-            return batch
-        offsets = torch.randint(-self.shift, self.shift + 1, (num, 2), generator=generator)
-        moved = torch.rand(num, generator=generator) < self.shift_share
-        batch["image"] = torch.where(moved[:, None], shifted(batch["image"], offsets), batch["image"])
-        return {**batch, "shifted": moved}
+    def augment(self, batch: dict[str, Tensor], generator: torch.Generator) -> dict[str, Tensor]:
+        """A share of the training digits ``{"image": B x 64, "label": B}`` shifted, then mixed and noised
+        (:meth:`LabelledImages.augment`), with ``"augmented"`` (``B`` bool) when any augmentation is on."""
+        if self.shift:
+            num = batch["image"].shape[0]
+            offsets = torch.randint(-self.shift, self.shift + 1, (num, 2), generator=generator)
+            moved = torch.rand(num, generator=generator) < self.shift_share
+            image = torch.where(moved[:, None], shifted(batch["image"], offsets), batch["image"])
+            batch = {**batch, "image": image, "augmented": moved}
+        return super().augment(batch, generator)
 
 
 def shifted(images: Tensor, offsets: Tensor) -> Tensor:

@@ -183,16 +183,47 @@ def test_the_injection_initializer_starts_where_one_step_from_zero_lands_and_lea
         initializer({"pixels": x["image"]}, objective)
 
 
-def test_shifted_digits_train_the_initializer_but_not_the_task(digits):
+@pytest.mark.parametrize("augmentation", [dict(shift=1, shift_share=0.5), dict(mix_share=0.3, noise=0.2,
+                                                                               noise_share=0.3)])
+def test_augmented_digits_train_the_initializer_but_not_the_task(digits, augmentation):
     module = make_module()
-    x = DigitsClasses(val_size=64, test_size=64, shift=1, shift_share=0.5).sample(32, torch.Generator().manual_seed(2))
-    assert x["shifted"].dtype == torch.bool and 0 < int(x["shifted"].sum()) < 32
+    x = DigitsClasses(val_size=64, test_size=64, **augmentation).sample(32, torch.Generator().manual_seed(2))
+    assert x["augmented"].dtype == torch.bool and 0 < int(x["augmented"].sum()) < 32
     output = module.amortizer(x, module.objective)
     task = module.objective_loss(x, None, AmortizedOutput(y=output.y.detach(), iterates=[]))
-    assert bool((task[x["shifted"]] == 0).all()) and bool((task[~x["shifted"]] > 0).all())
+    assert bool((task[x["augmented"]] == 0).all()) and bool((task[~x["augmented"]] > 0).all())
     plain = module.objective_loss({k: x[k] for k in ("image", "label")}, None,
                                   AmortizedOutput(y=output.y.detach(), iterates=[]))
-    torch.testing.assert_close(task.mean(), plain[~x["shifted"]].mean())  # the mean over the kept digits
+    torch.testing.assert_close(task.mean(), plain[~x["augmented"]].mean())  # the mean over the kept digits
+
+
+def test_mixed_and_noised_training_images_are_marked_reproducible_and_never_held_out():
+    plain = DigitsClasses(val_size=64, test_size=64)
+    mixing = DigitsClasses(val_size=64, test_size=64, mix_share=0.5)
+    a = plain.sample(256, torch.Generator().manual_seed(3))
+    b = mixing.sample(256, torch.Generator().manual_seed(3))
+    assert torch.equal(a["label"], b["label"]) and "augmented" not in a
+    kept = ~b["augmented"]
+    assert 64 < int(b["augmented"].sum()) < 192  # about half, drawn per image
+    assert torch.equal(a["image"][kept], b["image"][kept])  # the others untouched
+    train = {tuple(r.tolist()) for r in plain.split("train")["image"]}
+    assert not any(tuple(r.tolist()) in train for r in b["image"][b["augmented"]][:20])  # new images
+    assert 0.0 <= float(b["image"].min()) and float(b["image"].max()) <= 1.0  # a mixture stays in the pixel range
+    again = mixing.sample(256, torch.Generator().manual_seed(3))
+    assert torch.equal(b["image"], again["image"]) and torch.equal(b["augmented"], again["augmented"])
+    noisy = DigitsClasses(val_size=64, test_size=64, noise=0.3, noise_share=0.25).sample(
+        256, torch.Generator().manual_seed(3))
+    moved = noisy["image"] - a["image"]
+    assert bool((moved[~noisy["augmented"]] == 0).all())
+    assert abs(float(moved[noisy["augmented"]].std()) - 0.3) < 0.02
+    for held in ("val", "test"):
+        assert "augmented" not in mixing.sample_split(held, 64, torch.Generator())
+        torch.testing.assert_close(mixing.sample_split(held, 64, torch.Generator())["image"],
+                                   plain.sample_split(held, 64, torch.Generator())["image"])
+    for bad, match in ((dict(mix_share=1.5), "mix_share must lie in"), (dict(noise=-0.1), "noise must be"),
+                       (dict(noise=float("nan")), "noise must be"), (dict(noise_share=float("nan")), "noise_share")):
+        with pytest.raises(ValueError, match=match):
+            DigitsClasses(**bad)
 
 
 def test_an_unconverged_forward_solve_is_reported(digits):
@@ -301,6 +332,10 @@ def test_fashion_images_come_with_their_own_labels_in_fixed_splits(tmp_path):
     assert bool(result.converged.all()) and objective.logits(result.y).shape == (8, 10)
     with pytest.raises(ValueError, match="exceeds the 40 training images"):
         data.sample(41, torch.Generator())
+    mixing = FashionClasses(root=str(root), val_size=10, test_size=15, mix_share=1.0, noise=0.1, noise_share=0.0)
+    mixed = mixing.sample(8, torch.Generator().manual_seed(1))
+    assert mixed["image"].shape == (8, 784) and bool(mixed["augmented"].all())
+    assert torch.equal(mixed["label"], x["label"]) and not torch.equal(mixed["image"], x["image"])
     with pytest.raises(ValueError, match="test_size=30 exceeds the 20 test images"):
         FashionClasses(root=str(root), val_size=10, test_size=30).split("train")
 

@@ -182,13 +182,15 @@ class InjectionInitializer(Amortizer):
         hidden_dim: n, the DEQ's ``hidden``.
         hidden: widths of the MLP's hidden layers; the MLP maps ``B x (input_dim + n)`` to ``B x n``.
         key: the context entry holding the image.
+        activation: the MLP's activation (:class:`~lightning_amor.nets.MLP`'s names; a smooth one such as ``silu``
+            suits the smooth map x ↦ z*(x)).
     """
 
-    def __init__(self, input_dim: int, hidden_dim: int, hidden: Sequence[int] = (256, 256), key: str = "image"
-                 ) -> None:
+    def __init__(self, input_dim: int, hidden_dim: int, hidden: Sequence[int] = (256, 256), key: str = "image",
+                 activation: str = "relu") -> None:
         super().__init__()
         self.input_dim, self.hidden_dim, self.key = input_dim, hidden_dim, key
-        self.net = MLP(input_dim + hidden_dim, hidden_dim, hidden=list(hidden))
+        self.net = MLP(input_dim + hidden_dim, hidden_dim, hidden=list(hidden), activation=activation)
 
     def forward(self, x: Context, objective: Objective) -> AmortizedOutput:
         """``B x n``, in (−1, 1)."""
@@ -319,7 +321,7 @@ class DEQModule(AmortizedModule):
     def objective_loss(self, x: Context, y_star: Optional[Tensor], output: AmortizedOutput) -> Tensor:
         """The cross-entropy of head(z*) against the labels, ``B``; z* solved from the (detached) prediction and
         differentiated implicitly, plus ``equilibrium_weight`` · ‖z* − ẑ‖² (ẑ the detached prediction). Contexts
-        marked ``"shifted"`` (augmented digits, see :class:`~datamodules.digits_classes.DigitsClasses`) get zero
+        marked ``"augmented"`` (shifted, mixed or noised images, :class:`~datamodules.labelled.LabelledImages`) get zero
         weight, the others ``B / kept`` so that the mean over the batch is the mean over the kept ones."""
         objective: DEQClassifier = self.objective
         cached = getattr(self.loss, "last", None)
@@ -340,8 +342,8 @@ class DEQModule(AmortizedModule):
             loss = loss + self.equilibrium_weight * distance
             if self._logs():
                 self.log("train/equilibrium_distance", distance.detach().sqrt().mean(), batch_size=batch)
-        if isinstance(x, dict) and "shifted" in x:  # augmented inputs train the initializer only
-            kept = (~x["shifted"].bool()).to(loss.dtype)
+        if isinstance(x, dict) and "augmented" in x:  # augmented inputs have no true label: the initializer's only
+            kept = (~x["augmented"].bool()).to(loss.dtype)
             loss = loss * kept / kept.mean().clamp_min(1.0 / batch)
         return loss
 
