@@ -197,6 +197,21 @@ def test_augmented_digits_train_the_initializer_but_not_the_task(digits, augment
     torch.testing.assert_close(task.mean(), plain[~x["augmented"]].mean())  # the mean over the kept digits
 
 
+def test_the_equilibrium_term_counts_for_augmented_inputs_too(digits):
+    """The label-free term λ‖z* − ẑ‖² is kept where the cross-entropy is dropped (an augmented image has no label)."""
+    module = make_module()
+    module.equilibrium_weight = 2.0
+    x = DigitsClasses(val_size=64, test_size=64, mix_share=0.5).sample(32, torch.Generator().manual_seed(2))
+    start = AmortizedOutput(y=module.amortizer(x, module.objective).y.detach(), iterates=[])
+    loss = module.objective_loss(x, None, start)
+    z_star = module.objective.solver.solve(module.objective, x, init=start.y).y
+    equilibrium = 2.0 * ((z_star - start.y) ** 2).sum(-1)
+    moved = x["augmented"]
+    assert 0 < int(moved.sum()) < 32
+    torch.testing.assert_close(loss[moved], equilibrium[moved], atol=1e-4, rtol=1e-4)
+    assert bool((loss[~moved] > equilibrium[~moved]).all())  # plus the cross-entropy
+
+
 def test_mixed_and_noised_training_images_are_marked_reproducible_and_never_held_out():
     plain = DigitsClasses(val_size=64, test_size=64)
     mixing = DigitsClasses(val_size=64, test_size=64, mix_share=0.5)

@@ -321,8 +321,9 @@ class DEQModule(AmortizedModule):
     def objective_loss(self, x: Context, y_star: Optional[Tensor], output: AmortizedOutput) -> Tensor:
         """The cross-entropy of head(z*) against the labels, ``B``; z* solved from the (detached) prediction and
         differentiated implicitly, plus ``equilibrium_weight`` · ‖z* − ẑ‖² (ẑ the detached prediction). Contexts
-        marked ``"augmented"`` (shifted, mixed or noised images, :class:`~datamodules.labelled.LabelledImages`) get zero
-        weight, the others ``B / kept`` so that the mean over the batch is the mean over the kept ones."""
+        marked ``"augmented"`` (shifted, mixed or noised images, :class:`~datamodules.labelled.LabelledImages`) have
+        no true label: their cross-entropy gets zero weight, the others ``B / kept`` so that the mean over the batch is
+        the mean over the kept ones; the equilibrium term, which needs no label, counts for every context."""
         objective: DEQClassifier = self.objective
         cached = getattr(self.loss, "last", None)
         if cached is not None and cached[0].shape == output.y.shape and torch.equal(cached[0], output.y):
@@ -337,14 +338,14 @@ class DEQModule(AmortizedModule):
             self.log("train/forward_iterations", result.iterations.double().mean(), batch_size=batch)
         self._pending_backward = backward
         loss = F.cross_entropy(objective.logits(z), objective.labels(x), reduction="none")
-        if self.equilibrium_weight:
+        if isinstance(x, dict) and "augmented" in x:  # augmented inputs have no true label: no cross-entropy
+            kept = (~x["augmented"].bool()).to(loss.dtype)
+            loss = loss * kept / kept.mean().clamp_min(1.0 / batch)
+        if self.equilibrium_weight:  # needs no label: every input
             distance = ((z - output.y.detach()) ** 2).sum(-1)
             loss = loss + self.equilibrium_weight * distance
             if self._logs():
                 self.log("train/equilibrium_distance", distance.detach().sqrt().mean(), batch_size=batch)
-        if isinstance(x, dict) and "augmented" in x:  # augmented inputs have no true label: the initializer's only
-            kept = (~x["augmented"].bool()).to(loss.dtype)
-            loss = loss * kept / kept.mean().clamp_min(1.0 / batch)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
