@@ -9,7 +9,8 @@ States: ``num_states`` states visited by the trained actor itself (deterministic
 * Adam from u = 0 (lr 5e-3, the reference's baseline) on the batch-mean of −min(Q1, Q2)(s, u) over actions in the
   environment's box (the iterates are clipped to [−1, 1]: the critic was only trained there), 500 iterations;
 * values normalised per state so that the actor's action is 0 and the zero action −1, (Q − Q_actor) /
-  (Q_actor − Q_zero), then clamped to ≤ 0 as the reference does (the mean over states is reported);
+  (Q_actor − Q_zero), then clamped to ≤ 0 as the reference does (the mean over states is reported), over the states
+  where the actor beats the zero action (the others have no scale; their count is reported);
 * Adam's time to reach the actor's value: the first iteration whose batch-mean Q is at least the actor's batch-mean Q
   (time from a second, clean run that stops there), and the ratio to the actor's time.
 
@@ -30,6 +31,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from benchmarks.control import normalised
 
 ADAM_LR = 5e-3
 ADAM_ITERATIONS = 500
@@ -130,11 +133,14 @@ def run(ckpt_path: str, num_states: int = 1000, quick: bool = False) -> str:
     policy_ms = actor_time_ms(module, states, repeats=3 if quick else 20)
     with torch.no_grad():
         q_actor = q_value(module, states, module.act(states))
-        q_zero = q_value(module, states, torch.zeros(len(states), module.objective.action_dim))
     values, _ = adam(module, states, iterations)
-    scale = (q_actor - q_zero).abs().clamp_min(1e-8)
-    normalised = [float(((v - q_actor) / scale).clamp(max=0.0).mean()) for v in values]
-    at = " / ".join(f"{normalised[i]:.3f}" if i < len(normalised) else "–" for i in REPORTED_AT)
+    # the model-based protocol's normalisation on costs −Q (policy 0, zero action −1), over the states where the
+    # actor beats the zero action (a state where it does not has no scale)
+    scores, left_out = normalised(-torch.stack(values), -q_actor)
+    curve = scores.mean(1)
+    at = " / ".join(f"{float(curve[i]):.3f}" if i < len(curve) else "–" for i in REPORTED_AT)
+    if left_out:
+        at += f" ({left_out} states left out: the actor does not beat u = 0 there)"
     target = float(q_actor.mean())
     reached = next((i for i, v in enumerate(values) if float(v.mean()) >= target), None)
     if reached is None:

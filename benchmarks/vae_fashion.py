@@ -183,7 +183,8 @@ def report(results: dict[str, Any], args: argparse.Namespace, load: tuple[float,
         lines += ["| model | steps trained | wall time | best validation ELBO | at step |", "|---|---|---|---|---|"]
         for name, h in trained:
             wall = f"{h['wall_s'] / 60:.1f} min" if h.get("wall_s") else "n/a"
-            at = f"{h['best_step']}" + (" (still improving)" if h.get("still_improving") else "")
+            at = (f"{h['best_step']}" + (" (still improving)" if h.get("still_improving") else "")
+                  if "best_step" in h else "n/a")
             lines.append(f"| {name} | {h.get('steps')} | {wall} | {h.get('best_val_elbo', float('nan')):.2f} | {at} |")
         lines.append("")
         histories = {name: dict(map(tuple, h.get("val_elbo", []))) for name, h in trained}

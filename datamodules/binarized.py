@@ -68,6 +68,10 @@ class BinarizedFashionMNIST(FashionMNISTImages):
         if binarize not in ("dynamic", "none"):
             raise ValueError(f"BinarizedFashionMNIST: binarize must be 'dynamic' or 'none', got {binarize!r}")
         super().__init__(root=root, **kwargs)
+        if binarize == "dynamic" and self.train_size is not None:
+            raise ValueError(f"BinarizedFashionMNIST: binarize: dynamic draws fresh bits for every batch, but "
+                             f"train_size={self.train_size} fixes a pool binarised once; unset train_size, or use "
+                             f"binarize: none")
         self.binarize = binarize
         self.binarize_seed = int(binarize_seed)
         self._fixed: dict[str, Tensor] = {}

@@ -229,4 +229,5 @@ class GymReplayData(ContextDataModule):
                 obs_t, step = next_t, step + 1
                 if terminated:
                     break
+        env.close()
         return {k: torch.stack(v) for k, v in rows.items()}

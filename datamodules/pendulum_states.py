@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from datamodules.context import ContextDataModule
+from lightning_amor.apps.pendulum import state_to_observation
 
 
 class PendulumStates(ContextDataModule):
@@ -37,5 +38,4 @@ class PendulumStates(ContextDataModule):
 
     def sample(self, num: int, generator: torch.Generator) -> Tensor:
         """``num x 3`` observations (cos θ, sin θ, θ̇)."""
-        state = self.sample_states(num, generator)
-        return torch.stack([torch.cos(state[:, 0]), torch.sin(state[:, 0]), state[:, 1]], dim=1)
+        return state_to_observation(self.sample_states(num, generator))

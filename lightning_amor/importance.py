@@ -67,8 +67,9 @@ def importance_log_likelihood(
                 f"(one row per example, one column per sample)"
             )
         w = w.detach().to(torch.float64)
-        if torch.isnan(w).any() or (w == math.inf).any():
-            rows = (torch.isnan(w) | (w == math.inf)).any(1).nonzero().flatten().tolist()
+        bad = torch.isnan(w) | (w == math.inf)
+        if bool(bad.any()):
+            rows = bad.any(1).nonzero().flatten().tolist()
             raise ValueError(
                 f"importance_log_likelihood: NaN or +inf log-weights for examples {rows[:10]}; check the model's "
                 f"log-densities (a proposal with zero variance, a likelihood of data outside its support)"

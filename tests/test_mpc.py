@@ -248,3 +248,13 @@ def test_the_benchmark_reruns_only_the_semi_amortized_closed_loop_and_marks_the_
     assert rows["amortized"] == {"mean": -144.7, "previous_run": "2026-11-28"}
     assert rows["CEM MPC"]["previous_run"] == "2026-11-20"  # a row reused twice keeps the date it was measured
     assert merge_closed_loop({}, {"amortized": {"mean": -1.0}}) == {"amortized": {"mean": -1.0}}
+
+
+def test_the_protocol_normalises_per_state_and_leaves_out_states_the_policy_does_not_beat():
+    from benchmarks.control import normalised
+
+    # costs of 3 iterates (row 0: the zero action) on 4 states; policy costs 1, 1, 5 (worse than zero) and 2 (equal)
+    curve = torch.tensor([[3.0, 5.0, 4.0, 2.0], [2.0, 1.0, 4.5, 2.0], [0.0, 2.0, 4.0, 2.0]])
+    values, left_out = normalised(curve, torch.tensor([1.0, 1.0, 5.0, 2.0]))
+    assert left_out == 2  # no scale where the zero action is as good as the policy or better
+    torch.testing.assert_close(values, torch.tensor([[-1.0, -1.0], [-0.5, 0.0], [0.0, -0.25]]))  # clamped at 0

@@ -193,6 +193,8 @@ def test_held_out_bits_are_fixed_and_training_bits_are_fresh(tmp_path):
         fixed_binarization(grey, 0, "train")
     with pytest.raises(ValueError, match="binarize must be 'dynamic' or 'none'"):
         BinarizedFashionMNIST(root=root, binarize="static")
+    with pytest.raises(ValueError, match="unset train_size"):
+        BinarizedFashionMNIST(root=root, train_size=100, batch_size=8)
 
 
 def test_the_training_loader_binarises_each_batch_afresh(tmp_path):
