@@ -36,6 +36,7 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 
 from lightning_amor.amortizers import AmortizedOutput
+from lightning_amor.figures import new_figure
 from lightning_amor.module import AmortizedModule
 from lightning_amor.nets import MLP
 from lightning_amor.objective import Context, Objective
@@ -350,19 +351,14 @@ class EvaluationEpisodes(Callback):
         return mean
 
     def _trajectory_figure(self, trajectory: dict[str, np.ndarray], env_steps: int) -> Any:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         obs, action = trajectory["obs"], trajectory["action"]
         pendulum = self.env_id.startswith("Pendulum") and obs.shape[1] == 3
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 4), sharex=True)
+        fig = new_figure(6, 4)
+        top, bottom = fig.subplots(2, 1, sharex=True)
         top.plot(np.arctan2(obs[:, 1], obs[:, 0]) if pendulum else obs[:, 0])
         top.set_ylabel("angle θ (rad)" if pendulum else "state[0]")
         bottom.plot(action)
         bottom.set_ylabel("torque" if pendulum else "action")
         bottom.set_xlabel("time step")
         top.set_title(f"{self.env_id}, deterministic episode 0 after {env_steps} environment steps")
-        fig.tight_layout()
         return fig

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, Union
@@ -26,8 +27,9 @@ from torch import Tensor
 
 from lightning_amor.apps.vae import ELBOObjective, image_grid
 from lightning_amor.apps.vae_figures import as_images
-from lightning_amor.figures import ValidationFigureCallback
+from lightning_amor.figures import ValidationFigureCallback, new_figure
 from lightning_amor.objective import Context
+from lightning_amor.results import write_atomically
 
 Traversal = Literal["auto", "always", "never"]
 
@@ -128,20 +130,16 @@ def tile(images: Tensor, columns: int, pad: int = 1, pad_value: float = 1.0) -> 
 
 def save_grid_png(path: Union[str, Path], grid: Tensor, labels: Optional[Sequence[str]] = None,
                   title: Optional[str] = None, invert: bool = False) -> Path:
-    """Write a grid ``C x H x W`` in [0, 1] (C = 1 or 3) as a PNG, with a label per row of images when given."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Write a grid ``C x H x W`` in [0, 1] (C = 1 or 3) as a PNG (atomically), with a label per row of images when
+    given."""
     if grid.dim() != 3 or grid.shape[0] not in (1, 3):
         raise ValueError(f"save_grid_png: the grid must be C x H x W with C = 1 or 3, got {tuple(grid.shape)}")
     picture = grid.detach().float().cpu().clamp(0, 1)
     picture = 1.0 - picture if invert else picture
     height, width = picture.shape[1:]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(width / 40 + (1.4 if labels else 0.3), height / 40 + (0.4 if title else 0.2)))
+    fig = new_figure(width / 40 + (1.4 if labels else 0.3), height / 40 + (0.4 if title else 0.2))
+    ax = fig.subplots()
     ax.imshow(picture[0].numpy() if picture.shape[0] == 1 else picture.permute(1, 2, 0).numpy(), cmap="gray",
               vmin=0, vmax=1, interpolation="nearest")
     if labels:
@@ -151,9 +149,9 @@ def save_grid_png(path: Union[str, Path], grid: Tensor, labels: Optional[Sequenc
     ax.set_xticks([])
     if title:
         ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=150)
+    write_atomically(path, buffer.getvalue())
     return path
 
 
