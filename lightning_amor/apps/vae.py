@@ -194,15 +194,19 @@ class ELBOObjective(Objective):
             )
         return out.reshape(batch, samples, pixels)
 
+    def log_likelihood(self, z: Tensor, x: Context) -> Tensor:
+        """log p(x | z) = Σ_pixels log Bernoulli(x; sigmoid(decoder(z))) for latents ``B x S x d`` and images
+        ``B x ...`` (values in {0, 1} for a likelihood; grey levels give a negative cross-entropy): ``B x S``."""
+        logits = self.logits(z, x)
+        target = x.reshape(x.shape[0], 1, -1).to(logits.dtype).expand_as(logits)
+        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
+
     def reconstruction(self, y: Tensor, x: Context) -> Tensor:
         """The expected negative log-likelihood E_q[−log p(x | z)], estimated with reparameterised samples: ``B``."""
         mean, logvar = self.split(y)
         eps = self.noise(y.shape[0], mean)
         z = mean.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps
-        logits = self.logits(z, x)
-        target = x.reshape(x.shape[0], 1, -1).to(logits.dtype).expand_as(logits)
-        nll = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
-        return nll.mean(1)
+        return -self.log_likelihood(z, x).mean(1)
 
     def parts(self, y: Tensor, x: Context) -> tuple[Tensor, Tensor]:
         """``(reconstruction, KL)``, each ``B``; their sum is the value, −ELBO."""

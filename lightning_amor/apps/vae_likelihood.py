@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_amor.apps.vae import SVI, ELBOObjective
@@ -78,16 +77,9 @@ def gaussian_iwae(
 
 
 def bernoulli_log_likelihood(objective: ELBOObjective, x: Context) -> LogLikelihood:
-    """log p(x | z) = Σ_pixels log Bernoulli(x; sigmoid(decoder(z))) of an
-    :class:`~lightning_amor.apps.vae.ELBOObjective` for the images ``x`` (``B x ...``, values in {0, 1} for a
-    likelihood; grey levels give a cross-entropy)."""
-
-    def log_likelihood(z: Tensor) -> Tensor:
-        logits = objective.logits(z, x)
-        target = x.reshape(x.shape[0], 1, -1).to(logits.dtype).expand_as(logits)
-        return -F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
-
-    return log_likelihood
+    """log p(x | z) of an :class:`~lightning_amor.apps.vae.ELBOObjective` for the images ``x`` as a function of the
+    latents ``B x S x d`` alone (:meth:`~lightning_amor.apps.vae.ELBOObjective.log_likelihood`): ``B x S``."""
+    return lambda z: objective.log_likelihood(z, x)
 
 
 def iwae_log_likelihood(
