@@ -65,15 +65,11 @@ SNAPSHOTS = (0, 50, 100, 250, 500, 1000, 2000)
 
 
 def load_module(path: str) -> Any:
-    """A trained module of a recipe checkpoint, in eval mode with frozen weights."""
-    import lightning_amor.apps.mpc  # noqa: F401 - registers MPCModule for the safe checkpoint loader
-    from lightning_amor import AmortizedModule
+    """A trained module of a recipe checkpoint (:func:`lightning_amor.loading.load_module`: eval mode, a clear error
+    for a missing or damaged file), with frozen weights."""
+    from lightning_amor.loading import load_module as load_checkpoint
 
-    module = AmortizedModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
+    return load_checkpoint(path).requires_grad_(False)
 
 
 def held_out_states(num: int) -> Tensor:

@@ -104,7 +104,7 @@ def actor_time_ms(module: Any, states: Tensor, repeats: int = 20) -> float:
 def adam(module: Any, states: Tensor, iterations: int, stop_at: float | None = None) -> tuple[list[Tensor], float]:
     """Adam from zero actions on the batch-mean of −Q, iterates clipped to [−1, 1]: the Q of every iterate
     (``B`` each, the first at u = 0) and the wall time; with ``stop_at`` it stops at the first iterate whose mean Q
-    is at least that (only then reading values, so the time is a clean run's)."""
+    is at least that (reading the mean every iteration, a cheap CPU read: that run's time is the one reported)."""
     action = torch.zeros(len(states), module.objective.action_dim, requires_grad=True)
     optimizer = torch.optim.Adam([action], lr=ADAM_LR)
     values: list[Tensor] = []

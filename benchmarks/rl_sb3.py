@@ -13,8 +13,9 @@ SB3's first for seed 1, ...).
 
 Reported: the mean evaluation return against environment steps (one plot, ``control_rl_returns.png``), the return
 at 6k and 20k steps, the wall time of each run, and for ours where the time goes: the environment and acting
-(the stream's ``next_batch``), the updates (the training step, both optimizers and the target update), the
-evaluation episodes, and the rest (Lightning's loop, hooks and data fetching).
+(the stream's ``next_batch``), the updates (the training step: both losses and both optimizers), the evaluation
+episodes, and the rest (Lightning's loop, hooks and data fetching, and the target critic's Polyak update, which runs
+in the module's end-of-batch hook after the callbacks' end hooks that close the updates' timer).
 
     OMP_NUM_THREADS=1 python -m benchmarks.rl_sb3            # the full run (3 × 2 runs of 5-15 min), RESULTS.md
     OMP_NUM_THREADS=1 python -m benchmarks.rl_sb3 --quick    # 1 seed, 1200 steps, to a temporary folder only
