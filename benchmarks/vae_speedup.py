@@ -56,7 +56,9 @@ import torch
 from torch import Tensor
 
 from benchmarks.results import cpu_name, write_section
-from lightning_amor.evaluation import EvaluationReport, evaluate
+from lightning_amor.apps.vae import image_grid
+from lightning_amor.apps.vae_pictures import run_name
+from lightning_amor.evaluation import EvaluationReport, evaluate, synchronize
 from lightning_amor.evaluation_figures import log_to_tensorboard, render_figures, save_figures
 from lightning_amor.objective import Context, Objective
 from lightning_amor.results import write_atomically
@@ -164,6 +166,7 @@ def adam_until(objective, x: Tensor, target: float, seconds: float, lr: float, s
     def check(k: int, y: Tensor) -> None:
         if k == 0 or k % check_every:
             return
+        synchronize(y.device)  # Adam's queued work is Adam's time, not the scoring's
         clock["adam"] += time.perf_counter() - clock["since"]
         with torch.no_grad():
             elbo = -float(objective(y, x).mean())
@@ -199,9 +202,11 @@ def same_load_ratio(module, x: Tensor, exported: dict, lr: float, rounds: int = 
                 with torch.no_grad():
                     start = time.perf_counter()
                     run()
+                    synchronize(x.device)
                     times[name].append(time.perf_counter() - start)
             start = time.perf_counter()
             adam.solve(module.objective, x)
+            synchronize(x.device)
             times["adam_iteration"].append((time.perf_counter() - start) / steps)
     median = {name: statistics.median(t[3:]) for name, t in times.items()}
     return {"seconds": median, "iteration_over_encoder": {k: median["adam_iteration"] / median[k] for k in runs}}
@@ -256,18 +261,10 @@ def time_encoders(module, x: Tensor, exported: dict, warmup: int, repeats: int) 
             for name, run in runs.items():
                 start = time.perf_counter()
                 run()
-                if x.device.type == "cuda":
-                    torch.cuda.synchronize(x.device)
+                synchronize(x.device)
                 if round_ >= warmup:
                     times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
-
-
-def run_name(ckpt: str) -> str:
-    """The recipe's run folder of ``runs/<app>/<name>/checkpoints/last.ckpt`` (else the file's stem)."""
-    from lightning_amor.apps.vae_pictures import run_name as name
-
-    return name(ckpt)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -411,10 +408,10 @@ def run_checkpoint(ckpt: str, name: str, args: argparse.Namespace, device: torch
     with evaluation_mode(module):
         snapshots = adam_snapshots(adam, objective, x[: args.images], args.seed)
     shown = (objective, x[: args.images], y_encoder[: args.images], snapshots)
-    grid, labels = reconstruction_grid(*shown)
-    outputs["reconstructions"] = str(save_grid_png(out / "reconstructions.png",
-                                                   reconstruction_grid(*shown, pad_value=0.0)[0], labels,
-                                                   invert=True))
+    rows, labels = reconstruction_rows(*shown)  # decoded once: a white-padded grid for TensorBoard, a black one
+    grid = image_grid(rows)                       # for the inverted PNG
+    outputs["reconstructions"] = str(save_grid_png(out / "reconstructions.png", image_grid(rows, pad_value=0.0),
+                                                   labels, invert=True))
     pictures = VAEPictures(traversal="auto").pictures(objective, x.shape[1:])
     for tag, picture in pictures.items():
         key = tag.removeprefix("vae_")
@@ -524,17 +521,17 @@ def elbo_time_figure(r: dict, name: str):
     return figure
 
 
-def reconstruction_grid(objective, x: Tensor, y_encoder: Tensor, snapshots: dict[int, Tensor], pad_value: float = 1.0):
-    """Rows: the data, the encoder's reconstructions, Adam's after each snapshot iteration."""
-    from lightning_amor.apps.vae import image_grid
-
+def reconstruction_rows(objective, x: Tensor, y_encoder: Tensor, snapshots: dict[int, Tensor]
+                        ) -> tuple[list[Tensor], list[str]]:
+    """The rows of the reconstruction grid (``N x ...`` images each, on the CPU) and their labels: the data, the
+    encoder's reconstructions, Adam's after each snapshot iteration."""
     with torch.no_grad():
         rows = [x, objective.decode_mean(y_encoder, x)]
         labels = ["data", "encoder"]
         for k in sorted(snapshots):
             rows.append(objective.decode_mean(snapshots[k], x))
             labels.append(f"Adam {k}")
-    return image_grid([r.cpu() for r in rows], pad_value=pad_value), labels
+    return [r.cpu() for r in rows], labels
 
 
 def _adam_text(r: dict) -> str:
@@ -714,9 +711,7 @@ def command(args: argparse.Namespace, ckpt: str, out: Path) -> str:
 
 
 def _name(r: dict) -> str:
-    from lightning_amor.apps.vae_pictures import run_name as name
-
-    return name(r["checkpoint"])
+    return run_name(r["checkpoint"])
 
 
 def _label(r: dict) -> str:

@@ -236,7 +236,14 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Path]:
     from lightning_amor.loading import load_datamodule, load_module
 
     module = load_module(args.ckpt, map_location="cpu")
-    shape = args.image_shape or tuple(load_datamodule(args.ckpt).images("test").shape[1:])
+    if args.image_shape:
+        shape = tuple(args.image_shape)
+    else:
+        data = load_datamodule(args.ckpt)
+        if data is None or not hasattr(data, "image_shape"):
+            parser.error(f"{args.ckpt} does not store an image data module to read the image shape from; pass "
+                         f"--image-shape C H W")
+        shape = tuple(data.image_shape)  # the grey training images: nothing is binarised to read a shape
     name = args.name or run_name(args.ckpt)
     callback = VAEPictures(rows=args.rows, columns=args.columns, traversal=args.traversal,
                            traversal_steps=args.steps, traversal_dims=args.dims)
